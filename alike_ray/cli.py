@@ -1,0 +1,298 @@
+"""The `alike` command.
+
+Exit codes: 0 success; 1 failure of a run (a VM's backup failed); 2 bad input (usage, store,
+VM, version, target); 3 damaged data found (verify) or refused (restore); 4 no space left;
+5 a source cannot be read; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from storage.errors import StoreError
+
+EPILOG = """exit codes: 0 ok, 1 a backup failed, 2 bad input, 3 damaged data, 4 no space left,
+5 source unreadable, 130 interrupted. --store defaults to $ALIKE_STORE; Ray is joined at
+--address or $RAY_ADDRESS, else a local instance is started."""
+
+
+class Progress:
+    """A progress bar (bytes, rate, ETA) on a terminal; silent otherwise."""
+
+    def __init__(self, desc: str, unit: str = "B", enabled: bool | None = None):
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                            file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = max(total, done)
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _emit(args, obj: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(obj, default=str))
+    else:
+        print(text)
+
+
+def _h(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _connect(args) -> None:
+    from pipelines.cluster import connect
+
+    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_DEBUG") if k in os.environ}
+    connect(args.address, env or None)
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    from storage.store import Store
+
+    from .config import parse_size, store_url
+
+    st = Store.init(store_url(args.store), parse_size(args.block_size), args.zstd_level)
+    _emit(args, {"store": st.url, "store_id": st.config["store_id"], "block_size": st.block_size},
+          f"created store {st.url} (block size {_h(st.block_size)}, zstd level {args.zstd_level})")
+    return 0
+
+
+def cmd_backup(args) -> int:
+    from pipelines.backup import run_backup
+    from pipelines.cluster import local_node_id
+    from storage.store import Store, check_vm_name
+
+    from .config import store_url
+    from .sources import open_source
+
+    url = store_url(args.store)
+    Store.open(url)
+    if args.name and len(args.sources) > 1:
+        raise StoreError("--name names one VM: give one source with it, or none (names come from the images)")
+    _connect(args)
+    node = local_node_id()
+    jobs = []
+    for spec in args.sources:
+        src = open_source(spec, name=args.name, shared=args.shared, node_id=node)
+        vm = check_vm_name(src.list_vms()[0].name)
+        jobs.append((src, vm))
+    names = [vm for _, vm in jobs]
+    if len(set(names)) != len(names):
+        raise StoreError(f"two sources would be the VM {max(names, key=names.count)!r}: give each a distinct name")
+    bar = Progress("backup")
+    t0 = time.monotonic()
+    try:
+        results = run_backup(url, jobs, parallel=args.parallel, full=args.full, on_progress=bar, node_id=node)
+    finally:
+        bar.close()
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"alike: error: {r['error']}", file=sys.stderr)
+    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
+            "cache_hits", "index_lookups", "packs", "seconds")
+    ok = [{k: r.get(k) for k in keys} for r in results if "error" not in r]
+    if not args.json:
+        for r in ok:
+            print(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
+                  f"{r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored, {r['seconds']:.1f}s")
+    elif len(results) == 1 and ok:
+        print(json.dumps(ok[0]))
+    else:
+        print(json.dumps({"ok": not failed, "seconds": round(time.monotonic() - t0, 3), "vms": ok,
+                          "errors": [{"vm": r["vm"], "error": r["error"]} for r in failed]}))
+    if failed:
+        return max(int(r.get("exit_code", 1)) for r in failed)
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from storage.store import Store
+
+    from .catalog import versions_table
+    from .config import store_url
+
+    st = Store.open(store_url(args.store))
+    if args.vm and args.vm not in st.list_vms():
+        raise StoreError(f"no VM named {args.vm!r} in {st.url}")
+    rows = versions_table(st, args.vm).to_pylist()
+    if args.json:
+        print(json.dumps({"store": st.url, "versions": rows}))
+        return 0
+    if not rows:
+        print(f"no versions in {st.url} yet")
+        return 0
+    print(f"{'VM':<20} {'VERSION':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>11} {'NEW STORED':>11}")
+    for r in rows:
+        print(f"{r['vm']:<20} {r['version']:<20} {r['created'] or '':<21} {r['disks']:>5} "
+              f"{_h(r['logical_bytes']):>11} {_h(r['stored_bytes']):>11}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from pipelines.cluster import local_node_id
+    from pipelines.restore import resolve_version, run_restore
+    from storage.store import Store
+
+    from .config import store_url
+
+    url = store_url(args.store)
+    st = Store.open(url)
+    vm, _, version = args.vm.partition("@")
+    version = resolve_version(st, vm, version or None)
+    meta = st.read_version(vm, version)
+    if len(meta["disks"]) == 1:
+        targets = [args.to]
+    else:
+        os.makedirs(args.to, exist_ok=True)
+        targets = [os.path.join(args.to, d["name"] if d["name"].endswith(".raw") else d["name"] + ".raw")
+                   for d in meta["disks"]]
+    _connect(args)
+    bar = Progress("restore")
+    t0 = time.monotonic()
+    try:
+        res = run_restore(url, vm, version, targets, force=args.force, on_progress=bar, node_id=local_node_id())
+    finally:
+        bar.close()
+    res["seconds"] = round(time.monotonic() - t0, 3)
+    _emit(args, res, f"restored {vm}@{version} to {', '.join(targets)} ({_h(res['logical_bytes'])}, "
+                     f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from pipelines.cluster import local_node_id
+    from pipelines.verify import run_verify
+    from storage.store import Store
+
+    from .config import store_url
+
+    url = store_url(args.store)
+    Store.open(url)
+    _connect(args)
+    bar = Progress("verify", unit="pack")
+    try:
+        rep = run_verify(url, on_progress=bar, node_id=local_node_id())
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        print(f"checked {rep['blocks_checked']} blocks in {rep['packs_checked']} packs of {rep['versions']} versions")
+        for p in rep["problems"]:
+            print(f"  problem: {p}")
+        for b in rep["broken"]:
+            n = b["damaged_blocks"]
+            print(f"  DAMAGED: {b['vm']}@{b['version']} disk {b['disk']}"
+                  + (f" ({n} damaged block(s))" if n else " (manifest unreadable)"))
+        print("all versions are intact" if rep["ok"] else
+              f"{len(rep['broken'])} disk(s) of versions are damaged: restore them from another store or back up again")
+    return 0 if rep["ok"] else 3
+
+
+def cmd_stats(args) -> int:
+    from storage.store import Store
+
+    from .catalog import store_stats
+    from .config import store_url
+
+    st = Store.open(store_url(args.store))
+    s = store_stats(st)
+    _emit(args, s, "\n".join([
+        f"store          {s['store']}",
+        f"VMs            {s['vms']}",
+        f"versions       {s['versions']}",
+        f"logical        {_h(s['logical_bytes'])}",
+        f"stored         {_h(s['stored_bytes'])} in {s['packs']} packs",
+        f"dedup ratio    {s['dedup_ratio'] or '-'}",
+        f"unique blocks  {s['unique_blocks']} of {_h(s['block_size'])}"]))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alike", description="Deduplicating VM backup on Ray.", epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, fn, help_, desc=None):
+        sp = sub.add_parser(name, help=help_, description=desc or help_, epilog=EPILOG)
+        sp.add_argument("--store", help="store path (default: $ALIKE_STORE)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("init", cmd_init, "create a store")
+    sp.add_argument("--block-size", default="512K", help="block size, a power of two from 64K to 4M (default 512K)")
+    sp.add_argument("--zstd-level", type=int, default=3, help="zstd compression level, 1-19 (default 3)")
+
+    sp = add("backup", cmd_backup, "back up VMs (a full version that stores only new data)",
+             "Back up one or more sources. Each becomes a version of its VM: complete on its own, "
+             "storing only blocks the store lacks. Sources: image:PATH[,PATH...] (raw or qcow2 "
+             "files, block devices).")
+    sp.add_argument("sources", nargs="+", metavar="SOURCE", help="e.g. image:/var/lib/images/web.qcow2")
+    sp.add_argument("--name", help="VM name (default: the image file's name without extension)")
+    sp.add_argument("--parallel", type=int, default=2, help="VMs backed up at once (default 2)")
+    sp.add_argument("--full", action="store_true",
+                    help="always full/baseline: ignore the previous version as munge cache")
+    sp.add_argument("--shared", action="store_true",
+                    help="the image path is visible on every Ray node (NFS...): read tasks may run anywhere")
+    sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+
+    sp = add("versions", cmd_versions, "list versions, newest first")
+    sp.add_argument("--vm", help="only this VM")
+
+    sp = add("restore", cmd_restore, "restore a version's disks to raw files",
+             "Restore VM (latest version) or VM@VERSION (a version id or a unique prefix of one). "
+             "A one-disk VM is written to the file --to; a VM with several disks to files in the folder --to.")
+    sp.add_argument("vm", metavar="VM[@VERSION]")
+    sp.add_argument("--to", required=True, help="target file (or folder for several disks)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing target")
+    sp.add_argument("--address", help="Ray cluster to join")
+
+    sp = add("verify", cmd_verify, "re-read and check every block of every version")
+    sp.add_argument("--address", help="Ray cluster to join")
+
+    add("stats", cmd_stats, "logical and stored bytes, dedup ratio, blocks")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    from .sources import SourceError
+
+    try:
+        return args.fn(args)
+    except (StoreError, SourceError) as e:
+        msg = getattr(e, "message", None) or str(e)
+        print(f"alike: error: {msg}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("alike: interrupted; nothing partial was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Where settings come from: flags first, then the environment (ALIKE_STORE, RAY_ADDRESS)."""
+from __future__ import annotations
+
+import os
+import re
+
+from storage.errors import InvalidValue
+
+_SIZE = re.compile(r"^(\d+)\s*([kmgKMG]?)(i?[bB])?$")
+
+
+def store_url(flag: str | None) -> str:
+    url = flag or os.environ.get("ALIKE_STORE")
+    if not url:
+        raise InvalidValue("no store given: pass --store PATH or set ALIKE_STORE")
+    return url
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(str(text).strip())
+    if not m:
+        raise InvalidValue(f"size {text!r} is not understood: write it as 512K, 1M or 65536")
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2).lower()]

@@ -1,0 +1,21 @@
+"""Sources: where disks come from. One module per platform behind one protocol (base.py).
+
+`open_source(spec)` parses a source spec such as `image:/path/web.raw`.
+"""
+from __future__ import annotations
+
+from .base import Disk, Snapshot, Source, SourceError, VMInfo
+
+
+def open_source(spec: str, **options) -> Source:
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise SourceError(f"source {spec!r} is not of the form KIND:WHAT (for example image:/path/disk.raw)")
+    if kind == "image":
+        from .image import ImageSource
+
+        return ImageSource(rest, **options)
+    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH")
+
+
+__all__ = ["Disk", "Snapshot", "Source", "SourceError", "VMInfo", "open_source"]

@@ -1,0 +1,359 @@
+"""The backup DAG.
+
+driver: run_backup() starts the index shard actors, then one SnapshotActor per VM (at most
+`parallel` at once) and polls their progress.
+SnapshotActor.run(): snapshots the VM through its source, loads the previous version's manifests
+(the munge cache), fans out `munge_batch` read tasks over batches of blocks (bounded in flight
+with ray.wait), appends the new blocks they return to packs, and commits in the store's order:
+packs -> index segments -> manifests -> version.json. It releases the snapshot and its index
+claims also when the backup fails.
+munge_batch(): reads a batch, drops zero blocks, hashes, compares with the munge cache (an
+unchanged block costs no lookup and no write), asks the index shards about the rest in one
+batch, and compresses the blocks the store lacks. Blocks travel as numpy arrays.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+
+import numpy as np
+import ray
+
+from storage.codec import is_zero
+from storage.errors import StoreError
+from storage.pack import TARGET_PACK, PackBuilder
+from storage.store import Store, new_version_id
+
+from .faults import crash_point
+from .index import DURABLE, NEW, PENDING, IndexClient
+
+TASK_BYTES = 32 * 1024 * 1024
+EMPTY = np.zeros(0, dtype="S32")
+
+
+class BackupError(Exception):
+    """A VM's backup failed; the message says why. Nothing partial was committed."""
+
+
+def _runs(blocks: np.ndarray):
+    """Split sorted block numbers into (first, count) runs of consecutive numbers."""
+    if not len(blocks):
+        return []
+    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [len(blocks)]])
+    return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+@ray.remote(max_retries=3)
+def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None):
+    crash_point("read-task")
+    out_blocks, out_hashes = [], []
+    cand_i, cand_buf = [], []
+    read_bytes = zero = hits = 0
+    bi = -1  # position in `blocks` (and `prev`)
+    for first, count in _runs(blocks):
+        off = first * block_size
+        length = min(count * block_size, disk.size - off)
+        buf = np.zeros(length, dtype=np.uint8)
+        if hasattr(disk, "read_into"):
+            read_bytes += disk.read_into(buf, off)
+        else:
+            buf[:] = disk.read(off, length)
+            read_bytes += length
+        for k in range(count):
+            bi += 1
+            b = buf[k * block_size:(k + 1) * block_size]
+            if not len(b) or is_zero(b):
+                zero += 1
+                continue
+            h = codec.hash(b)
+            j = len(out_blocks)
+            out_blocks.append(first + k)
+            out_hashes.append(h)
+            if prev is not None and prev[bi] == h:
+                hits += 1
+                continue
+            cand_i.append(j)
+            cand_buf.append(b)
+    hashes = np.array(out_hashes, dtype="S32") if out_hashes else EMPTY
+    new_idx = np.zeros(0, np.int64)
+    lookups = 0
+    if cand_i:
+        cand_i = np.array(cand_i)
+        ch = hashes[cand_i]
+        uniq, first_pos = np.unique(ch, return_index=True)
+        lookups = len(uniq)
+        found = index.lookup(uniq) if index is not None else np.zeros(len(uniq), bool)
+        new_idx = cand_i[np.sort(first_pos[~found])]
+    pos = {int(j): n for n, j in enumerate(cand_i)} if len(new_idx) else {}
+    stored = [codec.encode(cand_buf[pos[int(j)]]) for j in new_idx]
+    lens = np.array([len(s) for s in stored], dtype=np.uint32)
+    data = np.frombuffer(b"".join(stored), dtype=np.uint8) if stored else np.zeros(0, np.uint8)
+    return {
+        "blocks": np.array(out_blocks, dtype=np.uint64),
+        "hashes": hashes,
+        "new_idx": new_idx,
+        "lens": lens,
+        "data": data,
+        "read_bytes": read_bytes,
+        "zero_blocks": zero,
+        "cache_hits": hits,
+        "lookups": lookups,
+        "logical": int(sum(min(c * block_size, disk.size - f * block_size) for f, c in _runs(blocks))),
+    }
+
+
+@ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)
+class SnapshotActor:
+    def __init__(self, store_url: str, index: IndexClient, in_flight: int):
+        self.store = Store.open(store_url)
+        self.index = index
+        self.in_flight = in_flight
+        self.done = 0
+        self.total = 0
+        self.phase = "starting"
+        self.lock = threading.Lock()
+
+    def progress(self) -> tuple[int, int, str]:
+        return self.done, self.total, self.phase
+
+    def run(self, source, vm: str, version: str, full: bool = False) -> dict:
+        self.owner = f"{vm}@{version}"
+        self.pending = []
+        t0 = time.monotonic()
+        snap = None
+        try:
+            self.phase = "snapshot"
+            snap = source.snapshot(vm)
+            return self._run(snap, vm, version, full, t0)
+        except StoreError:
+            raise
+        except BaseException as e:
+            if getattr(e, "exit_code", None):
+                raise
+            detail = traceback.format_exc() if os.environ.get("ALIKE_DEBUG") else ""
+            raise BackupError(f"backup of {vm} failed: {type(e).__name__}: {e}{detail}") from None
+        finally:
+            try:
+                self.index.release(self.owner)
+            finally:
+                if snap is not None:
+                    snap.release()
+
+    # -- the munge --------------------------------------------------------------------------
+    def _previous(self, vm: str):
+        versions = self.store.list_versions(vm)
+        if not versions:
+            return None
+        v = versions[-1][1]
+        return v, self.store.read_version(vm, v)
+
+    def _run(self, snap, vm, version, full, t0) -> dict:
+        store, bs, codec = self.store, self.store.block_size, self.store.codec
+        prev = None if full else self._previous(vm)
+        prev_disks = {d["name"]: d for d in prev[1]["disks"]} if prev else {}
+        self.total = sum(
+            sum(n for _, n in d.allocated_extents()) for d in snap.disks)
+        stats = dict(read_bytes=0, zero_blocks=0, cache_hits=0, index_lookups=0, new_blocks=0,
+                     stored_bytes=0, packs=0, cbt_skipped_blocks=0)
+        self.builder = PackBuilder()
+        self.own = []   # (hashes, pack, offsets, lengths) written by this VM
+        disks_meta = []
+        manifests = []
+        self.phase = "munge"
+        for disk in snap.disks:
+            nblocks = (disk.size + bs - 1) // bs
+            mask = np.zeros(nblocks, bool)
+            for off, ln in disk.allocated_extents():
+                if ln > 0:
+                    mask[off // bs:(off + ln - 1) // bs + 1] = True
+            prev_hash = np.zeros(nblocks, dtype="S32")
+            pd = prev_disks.get(disk.name)
+            if pd is not None:
+                pb, ph = store.read_manifest(vm, prev[0], pd["manifest"])
+                keep = pb < nblocks
+                prev_hash[pb[keep].astype(np.int64)] = ph[keep]
+            blocks_out = [np.zeros(0, np.uint64)]
+            hashes_out = [EMPTY]
+            changed = disk.changed_extents(pd.get("cbt")) if pd is not None and pd.get("cbt") else None
+            if changed is not None:
+                cmask = np.zeros(nblocks, bool)
+                for off, ln in changed:
+                    if ln > 0:
+                        cmask[off // bs:(off + ln - 1) // bs + 1] = True
+                carry = mask & ~cmask & (prev_hash != b"")
+                blocks_out.append(np.flatnonzero(carry).astype(np.uint64))
+                hashes_out.append(prev_hash[carry])
+                stats["cbt_skipped_blocks"] += int(carry.sum())
+                self.done += int(carry.sum()) * bs
+                mask &= cmask
+            todo = np.flatnonzero(mask)
+            per_task = max(1, TASK_BYTES // bs)
+            refs = []
+            strategy = {}
+            if disk.node_id:
+                from .cluster import pin_here
+                strategy = {"scheduling_strategy": pin_here(disk.node_id)}
+            for i in range(0, len(todo), per_task):
+                batch = todo[i:i + per_task]
+                if len(refs) >= self.in_flight:
+                    ready, refs = ray.wait(refs, num_returns=1)
+                    self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats)
+                p = prev_hash[batch] if pd is not None else None
+                refs.append(munge_batch.options(**strategy).remote(disk, codec, bs, batch, p, self.index))
+            while refs:
+                ready, refs = ray.wait(refs, num_returns=1)
+                self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats)
+            manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out)))
+            disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
+        self._flush(stats)
+        self.phase = "commit"
+        borrowed = self._settle(snap, manifests, stats)
+        # commit order: packs (done) -> index segments -> manifests -> version.json
+        crash_point("before-segments")
+        entries = self.own + [borrowed]
+        store.write_segments(
+            np.concatenate([e[0] for e in entries]),
+            [p for h, p, _, _ in self.own for _ in range(len(h))] + list(borrowed[1]),
+            np.concatenate([e[2] for e in entries]),
+            np.concatenate([e[3] for e in entries]))
+        crash_point("before-manifests")
+        for n, (blocks, hashes) in enumerate(manifests):
+            disks_meta[n]["manifest"] = store.write_manifest(vm, version, n, blocks, hashes)
+            disks_meta[n]["blocks"] = int(len(blocks))
+        crash_point("before-version")
+        logical = int(sum(d.size for d in snap.disks))
+        seconds = time.monotonic() - t0
+        meta = {
+            "vm": vm, "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": getattr(snap.vm, "id", vm),
+            "block_size": bs, "full": bool(full),
+            "previous": prev[0] if prev else None,
+            "disks": disks_meta,
+            "logical_bytes": logical,
+            **stats,
+            "seconds": round(seconds, 3),
+        }
+        store.commit_version(vm, version, meta)
+        self.phase = "done"
+        return meta
+
+    def _absorb(self, r: dict, blocks_out, hashes_out, stats) -> None:
+        blocks_out.append(r["blocks"])
+        hashes_out.append(r["hashes"])
+        for k in ("read_bytes", "zero_blocks", "cache_hits"):
+            stats[k] += r[k]
+        stats["index_lookups"] += r["lookups"]
+        self.done += r["logical"]
+        if not len(r["new_idx"]):
+            return
+        nh = r["hashes"][r["new_idx"]]
+        status = self.index.claim(nh, self.owner)
+        ends = np.cumsum(r["lens"])
+        starts = ends - r["lens"]
+        data = r["data"]
+        for i in np.flatnonzero(status == NEW):
+            self._add(nh[i], data[starts[i]:ends[i]].tobytes(), stats)
+        self.pending.append(nh[status == PENDING])
+
+    def _add(self, h: bytes, stored: bytes, stats) -> None:
+        self.builder.add(h, stored)
+        stats["new_blocks"] += 1
+        stats["stored_bytes"] += len(stored)
+        if self.builder.size >= TARGET_PACK:
+            self._flush(stats)
+
+    def _flush(self, stats) -> None:
+        b = self.builder
+        if not len(b):
+            return
+        self.builder = PackBuilder()
+        self.store.put_pack(b)
+        crash_point("after-pack")
+        stats["packs"] += 1
+        h = np.array([e[0] for e in b.entries], dtype="S32")
+        o = np.array([e[1] for e in b.entries], dtype=np.uint64)
+        l = np.array([e[2] for e in b.entries], dtype=np.uint64)
+        self.index.commit(h, b.pack_id, o, l)
+        self.own.append((h, b.pack_id, o, l))
+
+    def _settle(self, snap, manifests, stats):
+        """Wait for blocks other VMs of this run were writing; write those they gave up on.
+        -> (hashes, packs, offsets, lengths) to copy into this VM's own index segments, so that
+        this version never depends on another VM's segments being committed."""
+        pend = np.unique(np.concatenate(self.pending + [EMPTY]))
+        if not len(pend):
+            return EMPTY, [], np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        while True:
+            found, packs, off, ln, pending = self.index.locate(pend)
+            if not pending.any():
+                break
+            time.sleep(0.05)
+        missing = pend[~found]
+        if len(missing):
+            self._rewrite(snap, manifests, missing, stats)
+            found, packs, off, ln, _ = self.index.locate(pend)
+        keep = found & ~np.isin(pend, np.concatenate([h for h, *_ in self.own] + [EMPTY]))
+        return pend[keep], list(packs[keep]), off[keep], ln[keep]
+
+    def _rewrite(self, snap, manifests, missing, stats):
+        bs, codec = self.store.block_size, self.store.codec
+        want = set(bytes(h) for h in missing)
+        for disk, (blocks, hashes) in zip(snap.disks, manifests):
+            for b, h in zip(blocks, hashes):
+                h = bytes(h)
+                if h not in want:
+                    continue
+                want.discard(h)
+                data = disk.read(int(b) * bs, min(bs, disk.size - int(b) * bs))
+                if codec.hash(data) != h:
+                    raise BackupError(f"disk {disk.name} changed during the backup (block {b}): retry")
+                st = self.index.claim(np.array([h], dtype="S32"), self.owner)
+                if st[0] == NEW:
+                    self._add(h, codec.encode(data), stats)
+        self._flush(stats)
+
+
+def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool = False,
+               index_actors: int | None = None, on_progress=None, node_id: str | None = None) -> list[dict]:
+    """Back up each (source, vm name) of `jobs`, `parallel` VMs at once.
+    -> one dict per job: the version's metadata, or {"vm":..., "error": message}."""
+    from .cluster import cluster_cpus, pin_here
+
+    Store.open(store_url)  # a clear error before any actor starts
+    cpus = cluster_cpus()
+    here = pin_here(node_id)
+    index = IndexClient.start(store_url, index_actors or max(1, min(4, cpus // 2)), here)
+    results: dict[int, dict] = {}
+    running: dict = {}
+    queue = list(enumerate(jobs))
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, parallel):
+                n, (source, vm) = queue.pop(0)
+                version = new_version_id()
+                actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus)
+                running[actor.run.remote(source, vm, version, full)] = (n, vm, version, actor)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for ref in ready:
+                n, vm, version, actor = running.pop(ref)
+                try:
+                    results[n] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    index.release(f"{vm}@{version}")  # whoever waited on its blocks writes them
+                    results[n] = {"vm": vm, "error": f"backup of {vm} failed: its worker died; nothing was committed"}
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    msg = getattr(cause, "message", None) or str(cause).split("\n")[0]
+                    results[n] = {"vm": vm, "error": msg, "exit_code": getattr(cause, "exit_code", 1)}
+                ray.kill(actor)
+            if on_progress and running:
+                prog = ray.get([r[3].progress.remote() for r in running.values()])
+                on_progress(sum(p[0] for p in prog), sum(p[1] for p in prog))
+    finally:
+        index.shutdown()
+    return [results[n] for n in range(len(jobs))]

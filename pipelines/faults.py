@@ -1,0 +1,21 @@
+"""Fault injection for the crash tests: `ALIKE_CRASH_AT=point[:n]` kills the process (SIGKILL,
+as a power cut or OOM kill would) the n-th time (default 1st) it reaches `point`. Unset in
+production, where `crash_point` is one dictionary lookup."""
+from __future__ import annotations
+
+import os
+import signal
+
+_seen: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get("ALIKE_CRASH_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _seen[name] = _seen.get(name, 0) + 1
+    if _seen[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

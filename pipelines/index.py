@@ -1,0 +1,135 @@
+"""The dedup index as Ray actors, each holding some of the 16 on-store shards in compact form
+(`storage.index.CompactIndex`, 44 bytes per unique block).
+
+Besides durable entries (loaded from segments, or added once a pack of this run is durable) a
+shard keeps claims: hashes that a running backup is about to write. Claims are transient and
+bounded by the data in flight, so they live in a plain dict; they let two VMs backed up at once
+store a shared block once. The owner of a claim is a VM's snapshot actor; the driver releases a
+dead owner's claims, and whoever waited on them writes the blocks itself.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from storage.index import N_SHARDS, CompactIndex, shard_of
+from storage.store import Store
+
+NEW, DURABLE, PENDING = 0, 1, 2
+
+
+@ray.remote(num_cpus=0)
+class IndexShard:
+    def __init__(self, store_url: str, shards: list[int]):
+        store = Store.open(store_url)
+        self.index = CompactIndex()
+        self.claims: dict[bytes, str] = {}
+        for s in shards:
+            for key in store.segment_keys(s):
+                self.index.add(*store.read_segment(key))
+
+    def ready(self) -> int:
+        return len(self.index)
+
+    def stats(self) -> dict:
+        return {"entries": len(self.index), "bytes": self.index.nbytes(), "claims": len(self.claims)}
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        return self.index.lookup(hashes)[0]
+
+    def claim(self, hashes: np.ndarray, owner: str) -> np.ndarray:
+        """-> per hash: NEW (now claimed by `owner`: write it), DURABLE (stored, or claimed by
+        `owner` already), PENDING (another owner is writing it: wait for it at commit)."""
+        found = self.index.lookup(hashes)[0]
+        out = np.where(found, DURABLE, NEW).astype(np.uint8)
+        for i in np.flatnonzero(~found):
+            h = bytes(hashes[i])
+            o = self.claims.get(h)
+            if o is None:
+                self.claims[h] = owner
+            elif o == owner:
+                out[i] = DURABLE
+            else:
+                out[i] = PENDING
+        return out
+
+    def commit(self, hashes: np.ndarray, pack: str, offsets, lengths) -> None:
+        self.index.add(hashes, pack, offsets, lengths)
+        for h in hashes:
+            self.claims.pop(bytes(h), None)
+
+    def release(self, owner: str) -> int:
+        dead = [h for h, o in self.claims.items() if o == owner]
+        for h in dead:
+            del self.claims[h]
+        return len(dead)
+
+    def locate(self, hashes: np.ndarray):
+        """-> (found, pack ids, offsets, lengths, pending)."""
+        found, packs, off, ln = self.index.locate(hashes)
+        pending = np.array([not f and bytes(h) in self.claims for f, h in zip(found, hashes)], bool)
+        return found, packs, off, ln, pending
+
+
+class IndexClient:
+    """Routes batches of hashes to the shard actors; picklable, so read tasks carry it."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    @classmethod
+    def start(cls, store_url: str, n_actors: int, scheduling_strategy=None) -> "IndexClient":
+        n_actors = max(1, min(N_SHARDS, n_actors))
+        opts = {"scheduling_strategy": scheduling_strategy} if scheduling_strategy else {}
+        actors = [IndexShard.options(**opts).remote(store_url, [s for s in range(N_SHARDS) if s % n_actors == a])
+                  for a in range(n_actors)]
+        ray.get([a.ready.remote() for a in actors])
+        return cls(actors)
+
+    def _split(self, hashes: np.ndarray):
+        owner = shard_of(hashes) % len(self.actors)
+        return [(a, np.flatnonzero(owner == a)) for a in range(len(self.actors)) if (owner == a).any()]
+
+    def _fan(self, method: str, hashes: np.ndarray, *args):
+        parts = self._split(hashes)
+        refs = [getattr(self.actors[a], method).remote(hashes[idx], *args) for a, idx in parts]
+        return parts, ray.get(refs)
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(hashes), bool)
+        for (a, idx), res in zip(*self._fan("lookup", hashes)):
+            found[idx] = res
+        return found
+
+    def claim(self, hashes: np.ndarray, owner: str) -> np.ndarray:
+        out = np.zeros(len(hashes), np.uint8)
+        for (a, idx), res in zip(*self._fan("claim", hashes, owner)):
+            out[idx] = res
+        return out
+
+    def commit(self, hashes: np.ndarray, pack: str, offsets, lengths) -> None:
+        offsets, lengths = np.asarray(offsets), np.asarray(lengths)
+        parts = self._split(hashes)
+        ray.get([self.actors[a].commit.remote(hashes[idx], pack, offsets[idx], lengths[idx]) for a, idx in parts])
+
+    def release(self, owner: str) -> None:
+        ray.get([a.release.remote(owner) for a in self.actors])
+
+    def locate(self, hashes: np.ndarray):
+        n = len(hashes)
+        found = np.zeros(n, bool)
+        pending = np.zeros(n, bool)
+        packs = np.empty(n, dtype=object)
+        off = np.zeros(n, np.uint64)
+        ln = np.zeros(n, np.uint64)
+        for (a, idx), (f, p, o, l, pe) in zip(*self._fan("locate", hashes)):
+            found[idx], off[idx], ln[idx], pending[idx] = f, o, l, pe
+            packs[idx] = p
+        return found, packs, off, ln, pending
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)

@@ -1,0 +1,183 @@
+"""Restore: every version restores the same way, whatever its age.
+
+The driver reads the manifests, locates each distinct block through the index shards and
+sorts the work by pack and offset; `restore_batch` tasks read their ranges (coalescing
+neighbours into one read), decode and re-hash every block (a damaged block stops the restore;
+wrong data is never written) and write it at its place in a sparse file. Outputs are written
+under a temporary name and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+
+import numpy as np
+import ray
+
+from storage.errors import DamagedData, ObjectMissing, StoreError, StoreFull
+from storage.store import Store
+
+from .faults import crash_point
+from .index import IndexClient
+
+TASK_BYTES = 32 * 1024 * 1024
+
+
+class RestoreError(StoreError):
+    """{detail}"""
+
+
+@ray.remote(max_retries=2)
+def restore_batch(store_url: str, paths: list[str], rows: dict) -> int:
+    """Write the blocks of `rows` (sorted by pack, offset) into the files `paths`."""
+    crash_point("restore-task")
+    store = Store.open(store_url)
+    codec, bs = store.codec, store.block_size
+    fds = {}
+    written = 0
+    try:
+        packs, offs, lens, hashes, disks, blocks = (rows[k] for k in ("pack", "off", "len", "hash", "disk", "block"))
+        n = len(offs)
+        i = 0
+        while i < n:
+            # coalesce consecutive rows of one pack whose ranges touch or repeat
+            j = i + 1
+            end = int(offs[i] + lens[i])
+            while j < n and packs[j] == packs[i] and int(offs[j]) <= end and int(offs[j]) - int(offs[i]) < 64 << 20:
+                end = max(end, int(offs[j] + lens[j]))
+                j += 1
+            start = int(offs[i])
+            try:
+                span = store.read_stored(packs[i], start, end - start)
+            except ObjectMissing as e:
+                raise DamagedData(f"pack {packs[i]} is missing or truncated ({e.detail})") from None
+            cache = {}
+            for k in range(i, j):
+                key = int(offs[k])
+                data = cache.get(key)
+                if data is None:
+                    stored = span[key - start:key - start + int(lens[k])]
+                    data = codec.decode(stored, bytes(hashes[k]), where=f"in pack {packs[i]} at offset {key}")
+                    cache = {key: data}
+                fd = fds.get(int(disks[k]))
+                if fd is None:
+                    fd = fds[int(disks[k])] = os.open(paths[int(disks[k])], os.O_WRONLY)
+                os.pwrite(fd, data, int(blocks[k]) * bs)
+                written += len(data)
+            i = j
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(os.path.dirname(paths[0]) or ".") from None
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return written
+
+
+def resolve_version(store: Store, vm: str, version: str | None) -> str:
+    versions = [v for _, v in store.list_versions(vm)]
+    if not versions:
+        known = ", ".join(store.list_vms()) or "none"
+        raise RestoreError(f"no VM named {vm!r} in {store.url} (VMs there: {known})")
+    if version in (None, "", "latest"):
+        return versions[-1]
+    matches = [v for v in versions if v == version] or [v for v in versions if v.startswith(version)]
+    if len(matches) != 1:
+        raise RestoreError(
+            f"{'no' if not matches else 'more than one'} version {version!r} of {vm}: "
+            f"run `alike versions --store {store.url} --vm {vm}` to list them")
+    return matches[0]
+
+
+def plan(store: Store, index: IndexClient, vm: str, version: str):
+    meta = store.read_version(vm, version)
+    parts = []
+    for n, d in enumerate(meta["disks"]):
+        b, h = store.read_manifest(vm, version, d["manifest"])
+        parts.append((np.full(len(b), n, np.int32), b, h))
+    disks = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    blocks = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)
+    hashes = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, "S32")
+    uniq, inv = np.unique(hashes, return_inverse=True)
+    found, packs, off, ln, _ = index.locate(uniq)
+    if not found.all():
+        missing = uniq[~found]
+        raise DamagedData(
+            f"{len(missing)} block(s) of {vm}@{version} are not in the index "
+            f"(first {missing[0].hex()[:16]})")
+    rows = {"pack": packs[inv], "off": off[inv], "len": ln[inv], "hash": hashes, "disk": disks, "block": blocks}
+    order = np.lexsort((rows["off"], rows["pack"].astype(str)))
+    return meta, {k: v[order] for k, v in rows.items()}
+
+
+def run_restore(store_url: str, vm: str, version: str | None, targets: list[str], force: bool = False,
+                on_progress=None, node_id: str | None = None, index_actors: int = 1) -> dict:
+    from .cluster import pin_here
+
+    store = Store.open(store_url)
+    version = resolve_version(store, vm, version)
+    meta = store.read_version(vm, version)
+    if len(targets) != len(meta["disks"]):
+        raise RestoreError(f"{vm}@{version} has {len(meta['disks'])} disks: give as many targets")
+    for t in targets:
+        if os.path.exists(t) and not force:
+            raise RestoreError(f"{t} exists: choose another target or pass --force to overwrite it")
+        folder = os.path.dirname(os.path.abspath(t))
+        if not os.path.isdir(folder):
+            raise RestoreError(f"folder {folder} does not exist: create it first")
+    here = pin_here(node_id)
+    index = IndexClient.start(store_url, index_actors, here)
+    tmps = [os.path.join(os.path.dirname(os.path.abspath(t)), f".{os.path.basename(t)}.alike-{uuid.uuid4().hex[:8]}")
+            for t in targets]
+    try:
+        meta, rows = plan(store, index, vm, version)
+        index.shutdown()
+        for tmp, d in zip(tmps, meta["disks"]):
+            with open(tmp, "wb") as f:
+                f.truncate(int(d["size"]))
+        total = int(sum(d["size"] for d in meta["disks"]))
+        # batches of about TASK_BYTES of stored data, never splitting a pack's run of rows
+        cum = np.cumsum(rows["len"].astype(np.int64))
+        refs, start, n = [], 0, len(cum)
+        while start < n:
+            base = cum[start - 1] if start else 0
+            stop = int(np.searchsorted(cum, base + TASK_BYTES, side="right"))
+            stop = max(stop, start + 1)
+            refs.append(restore_batch.options(scheduling_strategy=here).remote(
+                store_url, tmps, {k: v[start:stop] for k, v in rows.items()}))
+            start = stop
+        done = 0
+        want = max(1, len(rows["block"]) * store.block_size)
+        pending = refs
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for r in ready:
+                done += ray.get(r)
+            if on_progress:
+                on_progress(done, want)
+        for tmp, t in zip(tmps, targets):
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(tmp, t)
+        return {"vm": vm, "version": version, "targets": targets, "logical_bytes": total,
+                "written_bytes": done, "blocks": int(len(rows["block"]))}
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, StoreError):
+            raise cause from None
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(os.path.dirname(os.path.abspath(targets[0]))) from None
+        raise
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        try:
+            index.shutdown()
+        except Exception:
+            pass

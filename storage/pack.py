@@ -1,0 +1,86 @@
+"""Packs: stored blocks appended one after another, then a footer index and a trailer.
+
+    "ALKPACK1" | block 0 | block 1 | ... | footer | trailer
+
+footer: one FOOTER_DTYPE record per block (hash, offset, length, crc32 of the stored bytes).
+trailer (16 bytes): footer length (u32 LE), crc32 of the footer (u32 LE), "ALKFOOT1".
+A pack is written in one atomic put; the footer lets a pack be checked, or the index rebuilt,
+from the pack alone.
+"""
+from __future__ import annotations
+
+import struct
+import uuid
+import zlib
+
+import numpy as np
+
+from .errors import DamagedData
+
+MAGIC = b"ALKPACK1"
+TRAILER_MAGIC = b"ALKFOOT1"
+TRAILER = struct.Struct("<II8s")
+FOOTER_DTYPE = np.dtype([("hash", "S32"), ("offset", "<u8"), ("length", "<u4"), ("crc", "<u4")])
+TARGET_PACK = 32 * 1024 * 1024  # flush at this size: packs land between 16 and 64 MiB
+
+
+def new_pack_id() -> str:
+    return uuid.uuid4().hex
+
+
+def pack_key(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+class PackBuilder:
+    def __init__(self):
+        self.pack_id = new_pack_id()
+        self.parts: list[bytes] = [MAGIC]
+        self.size = len(MAGIC)
+        self.entries: list[tuple] = []
+
+    def add(self, h: bytes, stored: bytes) -> tuple[int, int]:
+        off = self.size
+        self.parts.append(stored)
+        self.size += len(stored)
+        self.entries.append((h, off, len(stored), zlib.crc32(stored)))
+        return off, len(stored)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def finish(self) -> bytes:
+        footer = np.array(self.entries, dtype=FOOTER_DTYPE).tobytes()
+        trailer = TRAILER.pack(len(footer), zlib.crc32(footer), TRAILER_MAGIC)
+        return b"".join(self.parts + [footer, trailer])
+
+
+def parse_footer(tail: bytes, pack_size: int, where: str) -> np.ndarray:
+    """Parse a footer given the pack's last bytes (at least the footer and trailer)."""
+    if len(tail) < TRAILER.size:
+        raise DamagedData(f"pack {where} is truncated")
+    flen, fcrc, magic = TRAILER.unpack(tail[-TRAILER.size:])
+    if magic != TRAILER_MAGIC or flen % FOOTER_DTYPE.itemsize or flen + TRAILER.size + len(MAGIC) > pack_size:
+        raise DamagedData(f"pack {where} has a damaged or missing footer")
+    if len(tail) < flen + TRAILER.size:
+        raise ValueError("need more tail")
+    footer = tail[-TRAILER.size - flen:-TRAILER.size]
+    if zlib.crc32(footer) != fcrc:
+        raise DamagedData(f"pack {where} has a damaged footer")
+    return np.frombuffer(footer, dtype=FOOTER_DTYPE)
+
+
+def read_footer(backend, pack_id: str) -> np.ndarray:
+    key = pack_key(pack_id)
+    size = backend.size(key)
+    tail = backend.get_range(key, max(0, size - 65536), min(size, 65536))
+    try:
+        return parse_footer(tail, size, pack_id)
+    except ValueError:
+        flen = TRAILER.unpack(tail[-TRAILER.size:])[0]
+        tail = backend.get_range(key, size - flen - TRAILER.size, flen + TRAILER.size)
+        return parse_footer(tail, size, pack_id)
+
+
+def check_block(stored: bytes, crc: int) -> bool:
+    return zlib.crc32(stored) == crc

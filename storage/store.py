@@ -1,0 +1,194 @@
+"""A store (ADS or ODS) on a backend: its config, packs, index segments and versions.
+
+See `storage/__init__.py` for the layout and the commit order this class keeps.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import re
+import secrets
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import index as _index
+from .backend import Backend, open_backend
+from .codec import DEFAULT_BLOCK, Codec, check_block_size
+from .errors import BadConfig, DamagedData, NotAStore, ObjectMissing, StoreExists, InvalidValue
+from .pack import PackBuilder, pack_key
+
+FORMAT = 1
+VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_vm_name(name: str) -> str:
+    if not VM_NAME.match(name or ""):
+        raise InvalidValue(
+            f"VM name {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
+            "(up to 128, starting with a letter or digit)"
+        )
+    return name
+
+
+def new_version_id(now: _dt.datetime | None = None) -> str:
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("%Y%m%d-%H%M%S-") + f"{now.microsecond // 1000:03d}"
+
+
+class Store:
+    def __init__(self, backend: Backend, config: dict):
+        self.backend = backend
+        self.config = config
+        self.block_size = int(config["block_size"])
+        self.codec = Codec(bytes.fromhex(config["hash_key"]), int(config.get("zstd_level", 3)))
+        self.url = backend.url
+
+    # -- creation and opening -------------------------------------------------------------
+    @classmethod
+    def init(cls, url: str, block_size: int = DEFAULT_BLOCK, zstd_level: int = 3) -> "Store":
+        check_block_size(block_size)
+        if not 1 <= zstd_level <= 19:
+            raise InvalidValue(f"zstd level {zstd_level} is not allowed: use 1 to 19")
+        backend = open_backend(url)
+        if backend.exists("config.json"):
+            raise StoreExists(url)
+        path = backend.local_path("")
+        if path and os.path.isdir(path) and os.listdir(path):
+            raise InvalidValue(f"{url} is a folder that is not empty and not a store: give an empty or new folder")
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise InvalidValue(f"{url} exists and is not a folder")
+        config = {
+            "format": FORMAT,
+            "store_id": uuid.uuid4().hex,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "block_size": block_size,
+            "hash": "blake3-256-keyed",
+            "hash_key": secrets.token_hex(32),
+            "hash_key_id": None,
+            "compression": "zstd",
+            "zstd_level": zstd_level,
+            "encryption": "none",
+        }
+        config["hash_key_id"] = Codec(bytes.fromhex(config["hash_key"])).hash(b"alike-hash-key-id").hex()[:16]
+        backend.put("config.json", json.dumps(config, indent=2).encode())
+        return cls(backend, config)
+
+    @classmethod
+    def open(cls, url: str) -> "Store":
+        if not url:
+            raise InvalidValue("no store given: pass --store PATH or set ALIKE_STORE")
+        backend = open_backend(url)
+        path = backend.local_path("")
+        if path and not os.path.exists(path):
+            raise InvalidValue(f"store {url} does not exist: create it with `alike init --store {url}`")
+        try:
+            raw = backend.get("config.json")
+        except ObjectMissing:
+            raise NotAStore(url) from None
+        try:
+            config = json.loads(raw)
+            if config.get("format") != FORMAT:
+                raise BadConfig(f"format {config.get('format')!r}, this alike reads format {FORMAT}")
+            check_block_size(int(config["block_size"]))
+            bytes.fromhex(config["hash_key"])
+        except BadConfig:
+            raise
+        except Exception as e:  # any malformed value
+            raise BadConfig(f"{type(e).__name__}: {e}") from None
+        return cls(backend, config)
+
+    # -- packs ------------------------------------------------------------------------------
+    def put_pack(self, builder: PackBuilder) -> str:
+        self.backend.put(pack_key(builder.pack_id), builder.finish())
+        return builder.pack_id
+
+    def read_stored(self, pack_id: str, offset: int, length: int) -> bytes:
+        return self.backend.get_range(pack_key(pack_id), int(offset), int(length))
+
+    def list_packs(self) -> list[str]:
+        return [k.rsplit("/", 1)[1] for k in self.backend.list("packs/")]
+
+    # -- index segments ---------------------------------------------------------------------
+    def write_segments(self, hashes: np.ndarray, packs: list[str], offsets, lengths) -> list[str]:
+        """Write one immutable segment per shard touched. Call only once the packs are durable."""
+        keys = []
+        if not len(hashes):
+            return keys
+        shards = _index.shard_of(hashes)
+        packs = np.array(packs, dtype=object)
+        offsets = np.asarray(offsets)
+        lengths = np.asarray(lengths)
+        for s in np.unique(shards):
+            m = shards == s
+            key = _index.segment_key(int(s))
+            self.backend.put(key, _index.segment_bytes(hashes[m], list(packs[m]), offsets[m], lengths[m]))
+            keys.append(key)
+        return keys
+
+    def segment_keys(self, shard: int | None = None) -> list[str]:
+        prefix = "index/" if shard is None else f"index/{shard:x}/"
+        return [k for k in self.backend.list(prefix) if k.endswith(".parquet")]
+
+    def read_segment(self, key: str):
+        try:
+            return _index.read_segment(self.backend.get(key))
+        except ObjectMissing:
+            raise
+        except Exception as e:
+            raise DamagedData(f"index segment {key} does not parse ({e})") from None
+
+    # -- versions ---------------------------------------------------------------------------
+    def list_vms(self) -> list[str]:
+        vms = set()
+        for k in self.backend.list("versions/"):
+            parts = k.split("/")
+            if len(parts) == 4 and parts[3] == "version.json":
+                vms.add(parts[1])
+        return sorted(vms)
+
+    def list_versions(self, vm: str | None = None) -> list[tuple[str, str]]:
+        """Committed versions as (vm, version), oldest first. Uncommitted folders are ignored."""
+        out = []
+        prefix = f"versions/{vm}/" if vm else "versions/"
+        for k in self.backend.list(prefix):
+            parts = k.split("/")
+            if len(parts) == 4 and parts[3] == "version.json":
+                out.append((parts[1], parts[2]))
+        return sorted(out, key=lambda t: (t[1], t[0]))
+
+    def read_version(self, vm: str, version: str) -> dict:
+        key = f"versions/{vm}/{version}/version.json"
+        raw = self.backend.get(key)
+        try:
+            return json.loads(raw)
+        except Exception:
+            raise DamagedData(f"{key} does not parse") from None
+
+    def write_manifest(self, vm: str, version: str, disk_no: int, blocks: np.ndarray, hashes: np.ndarray) -> str:
+        name = f"disk-{disk_no}.parquet"
+        order = np.argsort(blocks, kind="stable")
+        table = pa.table({"block": pa.array(np.asarray(blocks, np.uint64)[order]),
+                          "hash": _index.hashes_to_arrow(hashes[order])})
+        out = io.BytesIO()
+        pq.write_table(table, out, compression="zstd")
+        self.backend.put(f"versions/{vm}/{version}/{name}", out.getvalue())
+        return name
+
+    def read_manifest(self, vm: str, version: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> (block numbers u64, hashes S32) of the non-zero blocks, in block order."""
+        key = f"versions/{vm}/{version}/{name}"
+        raw = self.backend.get(key)
+        try:
+            t = pq.read_table(pa.BufferReader(raw))
+            return t.column("block").to_numpy(), _index.arrow_to_hashes(t.column("hash"))
+        except Exception as e:
+            raise DamagedData(f"manifest {key} does not parse ({e})") from None
+
+    def commit_version(self, vm: str, version: str, meta: dict) -> None:
+        """The last step of a backup: the version becomes visible, atomically."""
+        self.backend.put(f"versions/{vm}/{version}/version.json", json.dumps(meta, indent=2).encode())
