@@ -61,7 +61,7 @@ def _h(n) -> str:
 def _connect(args) -> None:
     from pipelines.cluster import connect
 
-    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_DEBUG") if k in os.environ}
+    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG") if k in os.environ}
     connect(args.address, env or None)
 
 
@@ -109,7 +109,7 @@ def cmd_backup(args) -> int:
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "seconds")
+            "cache_hits", "index_lookups", "packs", "read_nodes", "seconds")
     ok = [{k: r.get(k) for k in keys} for r in results if "error" not in r]
     if not args.json:
         for r in ok:

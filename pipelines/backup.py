@@ -22,6 +22,7 @@ import numpy as np
 import ray
 
 from storage.codec import is_zero
+from storage.index import h32
 from storage.errors import StoreError
 from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store, new_version_id
@@ -73,7 +74,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
             j = len(out_blocks)
             out_blocks.append(first + k)
             out_hashes.append(h)
-            if prev is not None and prev[bi] == h:
+            if prev is not None and h32(prev[bi]) == h:
                 hits += 1
                 continue
             cand_i.append(j)
@@ -102,6 +103,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         "zero_blocks": zero,
         "cache_hits": hits,
         "lookups": lookups,
+        "node": ray.get_runtime_context().get_node_id(),
         "logical": int(sum(min(c * block_size, disk.size - f * block_size) for f, c in _runs(blocks))),
     }
 
@@ -123,6 +125,7 @@ class SnapshotActor:
     def run(self, source, vm: str, version: str, full: bool = False) -> dict:
         self.owner = f"{vm}@{version}"
         self.pending = []
+        self.read_nodes = set()
         t0 = time.monotonic()
         snap = None
         try:
@@ -164,14 +167,16 @@ class SnapshotActor:
         disks_meta = []
         manifests = []
         self.phase = "munge"
-        for disk in snap.disks:
+        prev_list = prev[1]["disks"] if prev else []
+        for dno, disk in enumerate(snap.disks):
             nblocks = (disk.size + bs - 1) // bs
             mask = np.zeros(nblocks, bool)
             for off, ln in disk.allocated_extents():
                 if ln > 0:
                     mask[off // bs:(off + ln - 1) // bs + 1] = True
             prev_hash = np.zeros(nblocks, dtype="S32")
-            pd = prev_disks.get(disk.name)
+            # the same disk of the previous version: by name, else by position
+            pd = prev_disks.get(disk.name) or (prev_list[dno] if dno < len(prev_list) else None)
             if pd is not None:
                 pb, ph = store.read_manifest(vm, prev[0], pd["manifest"])
                 keep = pb < nblocks
@@ -236,6 +241,7 @@ class SnapshotActor:
             "disks": disks_meta,
             "logical_bytes": logical,
             **stats,
+            "read_nodes": sorted(self.read_nodes),
             "seconds": round(seconds, 3),
         }
         store.commit_version(vm, version, meta)
@@ -249,6 +255,7 @@ class SnapshotActor:
             stats[k] += r[k]
         stats["index_lookups"] += r["lookups"]
         self.done += r["logical"]
+        self.read_nodes.add(r["node"])
         if not len(r["new_idx"]):
             return
         nh = r["hashes"][r["new_idx"]]
@@ -302,10 +309,10 @@ class SnapshotActor:
 
     def _rewrite(self, snap, manifests, missing, stats):
         bs, codec = self.store.block_size, self.store.codec
-        want = set(bytes(h) for h in missing)
+        want = set(h32(h) for h in missing)
         for disk, (blocks, hashes) in zip(snap.disks, manifests):
             for b, h in zip(blocks, hashes):
-                h = bytes(h)
+                h = h32(h)
                 if h not in want:
                     continue
                 want.discard(h)

@@ -1,5 +1,7 @@
 """Fault injection for the crash tests: `ALIKE_CRASH_AT=point[:n]` kills the process (SIGKILL,
-as a power cut or OOM kill would) the n-th time (default 1st) it reaches `point`. Unset in
+as a power cut or OOM kill would) the n-th time (default 1st) it reaches `point`. With
+`ALIKE_CRASH_FLAG=path` it kills only once across processes: the flag file is created just
+before, and its presence disarms the point (so a retried Ray task then succeeds). Unset in
 production, where `crash_point` is one dictionary lookup."""
 from __future__ import annotations
 
@@ -17,5 +19,12 @@ def crash_point(name: str) -> None:
     if point != name:
         return
     _seen[name] = _seen.get(name, 0) + 1
-    if _seen[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _seen[name] < int(nth or 1):
+        return
+    flag = os.environ.get("ALIKE_CRASH_FLAG")
+    if flag:
+        try:
+            os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from storage.index import N_SHARDS, CompactIndex, shard_of
+from storage.index import N_SHARDS, CompactIndex, h32, shard_of
 from storage.store import Store
 
 NEW, DURABLE, PENDING = 0, 1, 2
@@ -43,7 +43,7 @@ class IndexShard:
         found = self.index.lookup(hashes)[0]
         out = np.where(found, DURABLE, NEW).astype(np.uint8)
         for i in np.flatnonzero(~found):
-            h = bytes(hashes[i])
+            h = h32(hashes[i])
             o = self.claims.get(h)
             if o is None:
                 self.claims[h] = owner
@@ -56,7 +56,7 @@ class IndexShard:
     def commit(self, hashes: np.ndarray, pack: str, offsets, lengths) -> None:
         self.index.add(hashes, pack, offsets, lengths)
         for h in hashes:
-            self.claims.pop(bytes(h), None)
+            self.claims.pop(h32(h), None)
 
     def release(self, owner: str) -> int:
         dead = [h for h, o in self.claims.items() if o == owner]
@@ -67,7 +67,7 @@ class IndexShard:
     def locate(self, hashes: np.ndarray):
         """-> (found, pack ids, offsets, lengths, pending)."""
         found, packs, off, ln = self.index.locate(hashes)
-        pending = np.array([not f and bytes(h) in self.claims for f, h in zip(found, hashes)], bool)
+        pending = np.array([not f and h32(h) in self.claims for f, h in zip(found, hashes)], bool)
         return found, packs, off, ln, pending
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from storage.errors import DamagedData, ObjectMissing, StoreError, StoreFull
+from storage.index import h32
 from storage.store import Store
 
 from .faults import crash_point
@@ -58,7 +59,7 @@ def restore_batch(store_url: str, paths: list[str], rows: dict) -> int:
                 data = cache.get(key)
                 if data is None:
                     stored = span[key - start:key - start + int(lens[k])]
-                    data = codec.decode(stored, bytes(hashes[k]), where=f"in pack {packs[i]} at offset {key}")
+                    data = codec.decode(stored, h32(hashes[k]), where=f"in pack {packs[i]} at offset {key}")
                     cache = {key: data}
                 fd = fds.get(int(disks[k]))
                 if fd is None:

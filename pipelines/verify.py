@@ -12,6 +12,7 @@ import ray
 
 from storage.errors import DamagedData, ObjectMissing, StoreError
 from storage.pack import pack_key
+from storage.index import h32
 from storage.store import Store
 
 from .index import IndexClient
@@ -33,7 +34,7 @@ def verify_pack(store_url: str, pack: str, offs: np.ndarray, lens: np.ndarray, h
         try:
             if len(stored) != l:
                 raise DamagedData(f"pack {pack} is truncated")
-            store.codec.decode(stored, bytes(h), where=f"in pack {pack} at offset {o}")
+            store.codec.decode(stored, h32(h), where=f"in pack {pack} at offset {o}")
         except DamagedData as e:
             bad.append(h)
             reason = reason or e.detail

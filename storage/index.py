@@ -21,6 +21,12 @@ import pyarrow.parquet as pq
 N_SHARDS = 16
 
 
+def h32(x) -> bytes:
+    """A hash taken out of an S32 array as its 32 bytes. numpy drops trailing zero bytes from
+    S-dtype scalars, so `bytes(arr[i])` is wrong for one hash in 256."""
+    return bytes(x).ljust(32, b"\0")
+
+
 def shard_of(hashes: np.ndarray) -> np.ndarray:
     """Shard number for each hash of an S32 array."""
     first = np.frombuffer(hashes.tobytes(), dtype=np.uint8)[:: 32] if len(hashes) else np.zeros(0, np.uint8)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian machine, then runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+need=""
+for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup; do
+  command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd##*:}"
+done
+if [ -n "$need" ]; then
+  apt-get update -qq
+  apt-get install -y -qq $need >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+export RAY_USAGE_STATS_ENABLED=0
+python3 -m pytest -q -p no:cacheprovider "$@"

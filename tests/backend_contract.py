@@ -1,0 +1,53 @@
+"""The backend contract suite (see storage/backend.py). A backend binds it in three lines:
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture
+        def backend(self, tmp_path): return MyBackend(...)
+"""
+from __future__ import annotations
+
+import pytest
+
+from storage.errors import ObjectMissing
+
+
+class BackendContract:
+    def test_put_get_roundtrip(self, backend):
+        backend.put("a/b/c", b"hello")
+        assert backend.get("a/b/c") == b"hello"
+        assert backend.exists("a/b/c")
+        assert backend.size("a/b/c") == 5
+
+    def test_put_replaces_whole_object(self, backend):
+        backend.put("k", b"x" * 1000)
+        backend.put("k", b"short")
+        assert backend.get("k") == b"short"
+
+    def test_get_range(self, backend):
+        backend.put("r", bytes(range(256)))
+        assert backend.get_range("r", 10, 5) == bytes([10, 11, 12, 13, 14])
+
+    def test_get_range_past_end_is_missing(self, backend):
+        backend.put("r", b"abc")
+        with pytest.raises(ObjectMissing):
+            backend.get_range("r", 1, 10)
+
+    def test_missing(self, backend):
+        assert not backend.exists("nope")
+        with pytest.raises(ObjectMissing):
+            backend.get("nope")
+        with pytest.raises(ObjectMissing):
+            backend.size("nope")
+
+    def test_list_sorted_under_prefix(self, backend):
+        for k in ("p/2", "p/1", "p/sub/3", "q/4"):
+            backend.put(k, b"v")
+        assert list(backend.list("p/")) == ["p/1", "p/2", "p/sub/3"]
+        assert "q/4" in list(backend.list(""))
+
+    def test_delete(self, backend):
+        backend.put("d", b"v")
+        backend.delete("d")
+        backend.delete("d")  # a missing key is not an error
+        assert not backend.exists("d")
+        assert "d" not in list(backend.list(""))

@@ -1,0 +1,142 @@
+"""Unit tests of the block store: codec, packs, compact index, store, directory backend."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from storage.codec import Codec, check_block_size, is_zero
+from storage.errors import DamagedData, InvalidValue, NotAStore, StoreExists, StoreFull
+from storage.index import CompactIndex, shard_of
+from storage.local import DirectoryBackend
+from storage.pack import PackBuilder, read_footer
+from storage.store import Store
+from tests.backend_contract import BackendContract
+
+
+class TestDirectoryBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, tmp_path):
+        return DirectoryBackend(str(tmp_path / "store"))
+
+
+def test_directory_put_leaves_no_temp_files(tmp_path):
+    b = DirectoryBackend(str(tmp_path))
+    b.put("x/y", b"data")
+    assert os.listdir(tmp_path / "x") == ["y"]
+
+
+def test_codec_hash_is_keyed_and_roundtrips():
+    a, b = Codec(b"a" * 32), Codec(b"b" * 32)
+    data = os.urandom(1000) + bytes(100000)
+    assert a.hash(data) != b.hash(data)
+    stored = a.encode(data)
+    assert len(stored) < len(data)  # zeros compress
+    assert a.decode(stored, a.hash(data)) == data
+    rnd = os.urandom(5000)
+    assert a.encode(rnd)[0] == 0  # incompressible data is kept raw
+    assert a.decode(a.encode(rnd), a.hash(rnd)) == rnd
+
+
+def test_codec_detects_damage():
+    c = Codec(b"k" * 32)
+    data = b"hello world" * 1000
+    stored = bytearray(c.encode(data))
+    stored[len(stored) // 2] ^= 0xFF
+    with pytest.raises(DamagedData):
+        c.decode(bytes(stored), c.hash(data))
+
+
+def test_is_zero():
+    assert is_zero(bytes(65536))
+    assert is_zero(bytes(65537))
+    assert not is_zero(bytes(65536) + b"\x01")
+    z = bytearray(65536)
+    z[-1] = 1
+    assert not is_zero(z)
+
+
+@pytest.mark.parametrize("n", [1000, 32 * 1024, 3 * 65536, 8 * 1024 * 1024])
+def test_bad_block_sizes(n):
+    with pytest.raises(InvalidValue, match="power of two"):
+        check_block_size(n)
+
+
+def test_pack_footer_roundtrip(tmp_path):
+    st = Store.init(str(tmp_path / "s"), 65536)
+    b = PackBuilder()
+    blocks = [os.urandom(65536) for _ in range(5)]
+    locs = [b.add(st.codec.hash(x), st.codec.encode(x)) for x in blocks]
+    st.put_pack(b)
+    footer = read_footer(st.backend, b.pack_id)
+    assert len(footer) == 5
+    assert [int(o) for o in footer["offset"]] == [o for o, _ in locs]
+    for x, (o, n) in zip(blocks, locs):
+        assert st.codec.decode(st.read_stored(b.pack_id, o, n), st.codec.hash(x)) == x
+
+
+def test_compact_index_lookup_and_memory():
+    idx = CompactIndex()
+    rng = np.random.default_rng(1)
+    all_h = []
+    for p in range(40):  # many small adds, as packs arrive
+        h = rng.integers(0, 256, size=(500, 32), dtype=np.uint8).tobytes()
+        h = np.frombuffer(h, dtype="S32")
+        idx.add(h, f"pack{p}", np.arange(500) * 10, np.full(500, 7))
+        all_h.append(h)
+    h = np.concatenate(all_h)
+    found, packs, off, ln = idx.locate(h[::97])
+    assert found.all()
+    assert packs[0] == "pack0" and int(off[1]) == 97 * 10 and int(ln[0]) == 7
+    miss = np.frombuffer(rng.integers(0, 256, size=(50, 32), dtype=np.uint8).tobytes(), dtype="S32")
+    assert not idx.lookup(miss)[0].any()
+    assert len(idx.runs) <= 8  # runs are merged
+    assert idx.nbytes() / len(idx) < 48  # bytes per unique block
+
+
+def test_shard_of_uses_first_nibble():
+    h = np.array([bytes([0x00]) + bytes(31), bytes([0xF3]) + bytes(31), bytes([0x1A]) + bytes(31)], dtype="S32")
+    assert list(shard_of(h)) == [0, 15, 1]
+
+
+def test_store_init_open_errors(tmp_path):
+    with pytest.raises(InvalidValue, match="does not exist"):
+        Store.open(str(tmp_path / "missing"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(NotAStore):
+        Store.open(str(tmp_path / "plain"))
+    Store.init(str(tmp_path / "s"))
+    with pytest.raises(StoreExists):
+        Store.init(str(tmp_path / "s"))
+    (tmp_path / "s" / "config.json").write_text("{not json")
+    with pytest.raises(Exception, match="damaged"):
+        Store.open(str(tmp_path / "s"))
+
+
+def test_manifest_roundtrip(tmp_path):
+    st = Store.init(str(tmp_path / "s"))
+    blocks = np.array([5, 1, 9], np.uint64)
+    hashes = np.array([b"a" * 32, b"b" * 32, b"c" * 32], dtype="S32")
+    name = st.write_manifest("vm", "v1", 0, blocks, hashes)
+    b, h = st.read_manifest("vm", "v1", name)
+    assert list(b) == [1, 5, 9] and list(h) == [b"b" * 32, b"a" * 32, b"c" * 32]
+    assert st.list_versions() == []  # no version.json yet: not visible
+    st.commit_version("vm", "v1", {"disks": []})
+    assert st.list_versions() == [("vm", "v1")]
+
+
+def test_disk_full_is_a_clear_error(tmp_path):
+    """A real full filesystem: a 1 MiB tmpfs (needs root to mount; skipped otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        b = DirectoryBackend(str(mnt))
+        with pytest.raises(StoreFull, match="No space left"):
+            b.put("big", os.urandom(2 * 1024 * 1024))
+        assert list(b.list("")) == []  # no partial object left behind
+    finally:
+        os.system(f"umount {mnt}")
