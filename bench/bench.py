@@ -150,7 +150,7 @@ class RayHead:
         if os.path.isdir(RAY_TMP):
             shutil.rmtree(RAY_TMP, ignore_errors=True)
         port = free_port()
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
         env.pop("RAY_ADDRESS", None)
         cmd = ["ray", "start", "--head", f"--num-cpus={self.cpus}", "--disable-usage-stats",
                f"--port={port}", f"--temp-dir={RAY_TMP}", "--include-dashboard=false",
@@ -205,6 +205,9 @@ class Alike(Tool):
         self.env.pop("RAY_ADDRESS", None)
         if address:
             self.env["RAY_ADDRESS"] = address
+            # Ray 2.60's `ray start` turns token auth on, but a driver joining by address does not
+            # pick the token up unless RAY_AUTH_MODE=token (else: InvalidAuthToken)
+            self.env["RAY_AUTH_MODE"] = "token"
         self.block_size = block_size
 
     def setup(self):
@@ -328,7 +331,7 @@ def fmt_bytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def report(med: dict, meta: dict) -> str:
+def report(med: dict, meta: dict, results: list) -> str:
     L = []
     L.append(f"# alike vs restic vs borg\n")
     L.append(f"- command: `{meta['command']}`")
@@ -385,6 +388,16 @@ def report(med: dict, meta: dict) -> str:
         L.append(f"| stored after 3 backups: alike <= restic | {fmt_bytes(a['stored_bytes'])} vs "
                  f"{fmt_bytes(r['stored_bytes'])} ({q:.2f}) | {'yes' if q <= 1 else 'NO'} |")
     L.append("")
+    inner = []
+    for t in ("alike", "alike (cold)"):
+        for st in STEPS:
+            xs = [r["alike"].get("seconds") for r in results if r["tool"] == t and r["step"] == st
+                  and isinstance(r.get("alike"), dict) and r["alike"].get("seconds") is not None]
+            if xs:
+                inner.append(f"{t}/{st} {statistics.median(xs):.2f} s")
+    if inner:
+        L.append("alike's own `seconds` (inside the command, without process start and Ray connect), "
+                 "medians: " + "; ".join(inner) + "\n")
     L.append("Per-run seconds: " + "; ".join(
         f"{t}/{s}: {', '.join(f'{x:.1f}' for x in m['all_seconds'])}" for (t, s), m in sorted(med.items())))
     return "\n".join(L) + "\n"
@@ -463,7 +476,7 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
                 cpus=os.cpu_count(), runs=a.runs, block_size=a.block_size, corpus=meta_c,
                 versions=versions(), total_seconds=round(time.time() - t_start, 1))
-    md = report(med, meta)
+    md = report(med, meta, results)
     print(md)
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "latest.md"), "w") as f:
