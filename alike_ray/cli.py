@@ -19,6 +19,25 @@ EPILOG = """exit codes: 0 ok, 1 a backup failed, 2 bad input, 3 damaged data, 4 
 --address or $RAY_ADDRESS, else a local instance is started."""
 
 
+_OUT = None
+
+
+def out(*a, **kw) -> None:
+    """Write to the real standard output. While a command runs, file descriptor 1 points at
+    stderr, so that whatever Ray or a library prints cannot break our one JSON object."""
+    kw.setdefault("file", _OUT or sys.stdout)
+    print(*a, **kw)
+    kw["file"].flush()
+
+
+def _guard_stdout() -> None:
+    global _OUT
+    if _OUT is None:
+        sys.stdout.flush()
+        _OUT = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+
+
 class Progress:
     """A progress bar (bytes, rate, ETA) on a terminal; silent otherwise."""
 
@@ -31,6 +50,9 @@ class Progress:
 
             self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
                             file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def __bool__(self) -> bool:
+        return self.bar is not None
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is not None:
@@ -45,9 +67,9 @@ class Progress:
 
 def _emit(args, obj: dict, text: str) -> None:
     if args.json:
-        print(json.dumps(obj, default=str))
+        out(json.dumps(obj, default=str))
     else:
-        print(text)
+        out(text)
 
 
 def _h(n) -> str:
@@ -113,12 +135,12 @@ def cmd_backup(args) -> int:
     ok = [{k: r.get(k) for k in keys} for r in results if "error" not in r]
     if not args.json:
         for r in ok:
-            print(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
+            out(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
                   f"{r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored, {r['seconds']:.1f}s")
     elif len(results) == 1 and ok:
-        print(json.dumps(ok[0]))
+        out(json.dumps(ok[0]))
     else:
-        print(json.dumps({"ok": not failed, "seconds": round(time.monotonic() - t0, 3), "vms": ok,
+        out(json.dumps({"ok": not failed, "seconds": round(time.monotonic() - t0, 3), "vms": ok,
                           "errors": [{"vm": r["vm"], "error": r["error"]} for r in failed]}))
     if failed:
         return max(int(r.get("exit_code", 1)) for r in failed)
@@ -136,14 +158,14 @@ def cmd_versions(args) -> int:
         raise StoreError(f"no VM named {args.vm!r} in {st.url}")
     rows = versions_table(st, args.vm).to_pylist()
     if args.json:
-        print(json.dumps({"store": st.url, "versions": rows}))
+        out(json.dumps({"store": st.url, "versions": rows}))
         return 0
     if not rows:
-        print(f"no versions in {st.url} yet")
+        out(f"no versions in {st.url} yet")
         return 0
-    print(f"{'VM':<20} {'VERSION':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>11} {'NEW STORED':>11}")
+    out(f"{'VM':<20} {'VERSION':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>11} {'NEW STORED':>11}")
     for r in rows:
-        print(f"{r['vm']:<20} {r['version']:<20} {r['created'] or '':<21} {r['disks']:>5} "
+        out(f"{r['vm']:<20} {r['version']:<20} {r['created'] or '':<21} {r['disks']:>5} "
               f"{_h(r['logical_bytes']):>11} {_h(r['stored_bytes']):>11}")
     return 0
 
@@ -195,16 +217,16 @@ def cmd_verify(args) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(rep))
+        out(json.dumps(rep))
     else:
-        print(f"checked {rep['blocks_checked']} blocks in {rep['packs_checked']} packs of {rep['versions']} versions")
+        out(f"checked {rep['blocks_checked']} blocks in {rep['packs_checked']} packs of {rep['versions']} versions")
         for p in rep["problems"]:
-            print(f"  problem: {p}")
+            out(f"  problem: {p}")
         for b in rep["broken"]:
             n = b["damaged_blocks"]
-            print(f"  DAMAGED: {b['vm']}@{b['version']} disk {b['disk']}"
+            out(f"  DAMAGED: {b['vm']}@{b['version']} disk {b['disk']}"
                   + (f" ({n} damaged block(s))" if n else " (manifest unreadable)"))
-        print("all versions are intact" if rep["ok"] else
+        out("all versions are intact" if rep["ok"] else
               f"{len(rep['broken'])} disk(s) of versions are damaged: restore them from another store or back up again")
     return 0 if rep["ok"] else 3
 
@@ -283,6 +305,7 @@ def main(argv=None) -> int:
         return 2
     from .sources import SourceError
 
+    _guard_stdout()
     try:
         return args.fn(args)
     except (StoreError, SourceError) as e:
@@ -290,7 +313,7 @@ def main(argv=None) -> int:
         print(f"alike: error: {msg}", file=sys.stderr)
         return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
-        print("alike: interrupted; nothing partial was committed", file=sys.stderr)
+        out("alike: interrupted; nothing partial was committed", file=sys.stderr)
         return 130
 
 

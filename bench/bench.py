@@ -52,7 +52,7 @@ def parse_size(s: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"bad size {s!r}: use e.g. 512M, 2G")
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult) // (1 << 20) * (1 << 20)
+    return int(float(m.group(1)) * mult)
 
 
 def drop_caches(enabled: bool) -> None:
@@ -420,7 +420,7 @@ def versions() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=parse_size("2G"),
+    ap.add_argument("--size", type=lambda v: parse_size(v) // (1 << 20) * (1 << 20), default=parse_size("2G"),
                     help="virtual size of each VM image (default 2G; ~60%% is filled with files)")
     ap.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default 3)")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma list of alike,restic,borg (default all)")

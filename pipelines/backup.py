@@ -359,8 +359,11 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
                     results[n] = {"vm": vm, "error": msg, "exit_code": getattr(cause, "exit_code", 1)}
                 ray.kill(actor)
             if on_progress and running:
-                prog = ray.get([r[3].progress.remote() for r in running.values()])
-                on_progress(sum(p[0] for p in prog), sum(p[1] for p in prog))
+                try:
+                    prog = ray.get([r[3].progress.remote() for r in running.values()], timeout=5)
+                    on_progress(sum(p[0] for p in prog), sum(p[1] for p in prog))
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass  # a dying actor: its run's result tells what happened
     finally:
         index.shutdown()
     return [results[n] for n in range(len(jobs))]

@@ -16,7 +16,10 @@ def connect(address: str | None = None, env: dict | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True)
+    # workers' and raylets' log lines would land on our stdout (and break --json): keep them
+    # in Ray's session logs unless ALIKE_DEBUG asks for them
+    kwargs = dict(logging_level=logging.ERROR, log_to_driver=bool(os.environ.get("ALIKE_DEBUG")),
+                  configure_logging=True)
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if address:
