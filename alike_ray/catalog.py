@@ -31,8 +31,9 @@ def versions_table(store: Store, vm: str | None = None) -> pa.Table:
 
 def store_stats(store: Store) -> dict:
     t = versions_table(store)
-    packs = store.list_packs()
-    stored = sum(store.backend.size(f"packs/{p[:2]}/{p}") for p in packs)
+    sizes = store.backend.sizes("packs/")
+    packs = list(sizes)
+    stored = sum(sizes.values())
     hashes = [np.zeros(0, "S32")]
     segs = store.segment_keys()
     for k in segs:

@@ -93,7 +93,7 @@ def cmd_init(args) -> int:
 
     from .config import parse_size, store_url
 
-    st = Store.init(store_url(args.store), parse_size(args.block_size), args.zstd_level)
+    st = Store.init(store_url(args), parse_size(args.block_size), args.zstd_level)
     _emit(args, {"store": st.url, "store_id": st.config["store_id"], "block_size": st.block_size},
           f"created store {st.url} (block size {_h(st.block_size)}, zstd level {args.zstd_level})")
     return 0
@@ -107,7 +107,7 @@ def cmd_backup(args) -> int:
     from .config import store_url
     from .sources import open_source
 
-    url = store_url(args.store)
+    url = store_url(args)
     Store.open(url)
     if args.name and len(args.sources) > 1:
         raise StoreError("--name names one VM: give one source with it, or none (names come from the images)")
@@ -153,7 +153,7 @@ def cmd_versions(args) -> int:
     from .catalog import versions_table
     from .config import store_url
 
-    st = Store.open(store_url(args.store))
+    st = Store.open(store_url(args))
     if args.vm and args.vm not in st.list_vms():
         raise StoreError(f"no VM named {args.vm!r} in {st.url}")
     rows = versions_table(st, args.vm).to_pylist()
@@ -177,7 +177,7 @@ def cmd_restore(args) -> int:
 
     from .config import store_url
 
-    url = store_url(args.store)
+    url = store_url(args)
     st = Store.open(url)
     vm, _, version = args.vm.partition("@")
     version = resolve_version(st, vm, version or None)
@@ -208,7 +208,7 @@ def cmd_verify(args) -> int:
 
     from .config import store_url
 
-    url = store_url(args.store)
+    url = store_url(args)
     Store.open(url)
     _connect(args)
     bar = Progress("verify", unit="pack")
@@ -237,7 +237,7 @@ def cmd_stats(args) -> int:
     from .catalog import store_stats
     from .config import store_url
 
-    st = Store.open(store_url(args.store))
+    st = Store.open(store_url(args))
     s = store_stats(st)
     _emit(args, s, "\n".join([
         f"store          {s['store']}",
@@ -257,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, fn, help_, desc=None):
         sp = sub.add_parser(name, help=help_, description=desc or help_, epilog=EPILOG)
-        sp.add_argument("--store", help="store path (default: $ALIKE_STORE)")
+        sp.add_argument("--store", help="store: a folder, or s3://BUCKET/PREFIX (default: $ALIKE_STORE)")
+        sp.add_argument("--endpoint", help="S3 endpoint URL for MinIO, Ceph RGW... (default: boto3's, e.g. "
+                                           "$AWS_ENDPOINT_URL; AWS S3 when unset)")
+        sp.add_argument("--profile", help="AWS profile for S3 credentials (default: boto3's usual chain)")
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         sp.set_defaults(fn=fn)
         return sp

@@ -9,11 +9,15 @@ from storage.errors import InvalidValue
 _SIZE = re.compile(r"^(\d+)\s*([kmgKMG]?)(i?[bB])?$")
 
 
-def store_url(flag: str | None) -> str:
-    url = flag or os.environ.get("ALIKE_STORE")
+def store_url(args):
+    """The store spec of a command: --store or $ALIKE_STORE, with --endpoint and --profile for
+    S3 (else boto3's own: AWS_ENDPOINT_URL, AWS_PROFILE, shared config files)."""
+    from storage.backend import store_spec
+
+    url = getattr(args, "store", None) or os.environ.get("ALIKE_STORE")
     if not url:
-        raise InvalidValue("no store given: pass --store PATH or set ALIKE_STORE")
-    return url
+        raise InvalidValue("no store given: pass --store PATH (or s3://BUCKET/PREFIX) or set ALIKE_STORE")
+    return store_spec(url, getattr(args, "endpoint", None), getattr(args, "profile", None))
 
 
 def parse_size(text: str) -> int:

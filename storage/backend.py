@@ -39,19 +39,39 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None: ...
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size of every object under prefix (backends with listings that carry sizes override)."""
+        return {k: self.size(k) for k in self.list(prefix)}
+
     def local_path(self, key: str) -> str | None:
         """A filesystem path for `key` when the backend is a directory, else None."""
         return None
 
 
-def open_backend(url: str) -> Backend:
-    """The backend for a store URL: a directory path (or file://) for now."""
-    from .local import DirectoryBackend
+def store_spec(url: str, endpoint: str | None = None, profile: str | None = None):
+    """What names a store, picklable and free of secrets: a path, or a dict for S3 with its
+    endpoint and AWS profile. Pipelines pass it along unopened."""
+    if url.startswith("s3://"):
+        return {"url": url, "endpoint": endpoint, "profile": profile}
+    return url
 
+
+def open_backend(spec) -> Backend:
+    """The backend for a store spec: a directory path (or file://...), or s3://bucket/prefix."""
+    from .errors import InvalidValue
+
+    if isinstance(spec, dict):
+        url, endpoint, profile = spec["url"], spec.get("endpoint"), spec.get("profile")
+    else:
+        url, endpoint, profile = spec, None, None
+    if url.startswith("s3://"):
+        from .s3 import S3Backend
+
+        return S3Backend(url, endpoint=endpoint, profile=profile)
     if url.startswith("file://"):
         url = url[len("file://"):]
     if "://" in url:
-        from .errors import InvalidValue
+        raise InvalidValue(f"store URL scheme of {url!r} is not supported: give a directory path or s3://BUCKET/PREFIX")
+    from .local import DirectoryBackend
 
-        raise InvalidValue(f"store URL scheme of {url!r} is not supported yet: give a directory path")
     return DirectoryBackend(url)

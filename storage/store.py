@@ -50,14 +50,19 @@ class Store:
 
     # -- creation and opening -------------------------------------------------------------
     @classmethod
-    def init(cls, url: str, block_size: int = DEFAULT_BLOCK, zstd_level: int = 3) -> "Store":
+    def init(cls, url, block_size: int = DEFAULT_BLOCK, zstd_level: int = 3) -> "Store":
         check_block_size(block_size)
         if not 1 <= zstd_level <= 19:
             raise InvalidValue(f"zstd level {zstd_level} is not allowed: use 1 to 19")
         backend = open_backend(url)
+        url = backend.url
+        if hasattr(backend, "check_bucket"):
+            backend.check_bucket()
         if backend.exists("config.json"):
             raise StoreExists(url)
         path = backend.local_path("")
+        if not path and any(True for _ in backend.list("")):
+            raise InvalidValue(f"{url} holds objects and is not a store: give an empty prefix")
         if path and os.path.isdir(path) and os.listdir(path):
             raise InvalidValue(f"{url} is a folder that is not empty and not a store: give an empty or new folder")
         if path and os.path.exists(path) and not os.path.isdir(path):
@@ -79,10 +84,12 @@ class Store:
         return cls(backend, config)
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url) -> "Store":
+        """Open a store from its spec (a path, or see backend.store_spec)."""
         if not url:
             raise InvalidValue("no store given: pass --store PATH or set ALIKE_STORE")
         backend = open_backend(url)
+        url = backend.url
         path = backend.local_path("")
         if path and not os.path.exists(path):
             raise InvalidValue(f"store {url} does not exist: create it with `alike init --store {url}`")

@@ -12,6 +12,11 @@ import pytest
 from tests import images
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Credentials for the test S3 server, set before Ray starts so that its workers inherit them
+# as they would on a host configured for AWS.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "alike-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "alike-test-secret-do-not-print")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
@@ -87,3 +92,32 @@ def tree_digest(root) -> str:
             with open(p, "rb") as fh:
                 h.update(hashlib.sha256(fh.read()).digest())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server on 127.0.0.1 (moto's server mode), reached with boto3
+    over HTTP exactly as AWS or MinIO would be. -> its endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the S3 server -> (endpoint, bucket name)."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return s3_server, name

@@ -1,0 +1,199 @@
+"""The S3 backend (an ODS on AWS S3, MinIO, Ceph RGW...), with boto3.
+
+Same contract as the directory backend (storage/backend.py):
+- put is atomic by S3's own semantics (an object appears whole or not at all). Objects above
+  MULTIPART_THRESHOLD go up as a multipart upload through boto3's transfer manager; every
+  upload carries a CRC32 checksum that the server checks, and downloads of whole objects are
+  checked against it by botocore.
+- read-after-write: S3 (and MinIO) are strongly consistent for new objects and lists.
+- get_range is a ranged GET (restore reads blocks that way); the blocks' own BLAKE3 hashes
+  check what comes back.
+- retries, timeouts and connection pooling are botocore's (standard retry mode).
+Keys spread over prefixes by construction (packs/<xx>/, index/<x>/).
+
+Credentials come the way every AWS tool takes them: environment, shared config and
+credentials files, `profile`. They are never stored, logged or printed: errors name the
+store, never a key.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+from .backend import Backend
+from .errors import ObjectMissing, StoreError
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class S3Error(StoreError):
+    """{detail}"""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise S3Error(f"store URL {url!r} has no bucket: write s3://BUCKET/PREFIX")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/") if prefix else ""
+
+
+class S3Backend(Backend):
+    def __init__(self, url: str, endpoint: str | None = None, profile: str | None = None,
+                 max_connections: int = 16):
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.endpoint = endpoint
+        self.profile = profile
+        self.max_connections = max_connections
+        self._client = None
+
+    def __getstate__(self):
+        s = dict(self.__dict__)
+        s["_client"] = None  # a client holds credentials and sockets: each process makes its own
+        return s
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            try:
+                session = boto3.session.Session(profile_name=self.profile)
+            except Exception as e:  # ProfileNotFound...
+                raise S3Error(f"cannot use AWS profile {self.profile!r} for {self.url}: {type(e).__name__}") from None
+            cfg = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=self.max_connections,
+                         connect_timeout=10, read_timeout=60,
+                         request_checksum_calculation="when_supported",
+                         response_checksum_validation="when_supported")
+            self._client = session.client("s3", endpoint_url=self.endpoint, config=cfg)
+        return self._client
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    def _err(self, e, key: str, op: str):
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = f"{self.url}" + (f" (endpoint {self.endpoint})" if self.endpoint else "")
+        if isinstance(e, StoreError):
+            return e
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or (status == 404 and code != "NoSuchBucket"):
+                return ObjectMissing(key)
+            if code == "NoSuchBucket":
+                return S3Error(f"bucket {self.bucket!r} does not exist at {where}: create it or check the store URL")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken",
+                        "ExpiredToken") or status == 403:
+                return S3Error(f"access to {where} was refused ({code or status}): check the credentials "
+                               "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, --profile) and the bucket policy")
+            return S3Error(f"S3 {op} of {key} on {where} failed: {code or status}")
+        if isinstance(e, NoCredentialsError):
+            return S3Error(f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                           "a shared credentials file, or --profile")
+        if isinstance(e, EndpointConnectionError) or type(e).__name__ in ("ConnectTimeoutError", "ReadTimeoutError",
+                                                                         "ConnectionClosedError"):
+            return S3Error(f"cannot reach {where}: check --endpoint and the network (retried, still failing)")
+        return S3Error(f"S3 {op} of {key} on {where} failed: {type(e).__name__}")
+
+    def put(self, key: str, data) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        try:
+            if len(data) >= MULTIPART_THRESHOLD:
+                self.client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, self._k(key),
+                    ExtraArgs={"ChecksumAlgorithm": "CRC32"},
+                    Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 << 20,
+                                          max_concurrency=4))
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=bytes(data),
+                                       ChecksumAlgorithm="CRC32")
+        except Exception as e:
+            raise self._err(e, key, "put") from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key), ChecksumMode="ENABLED")
+            return r["Body"].read()
+        except Exception as e:
+            raise self._err(e, key, "get") from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
+                                       Range=f"bytes={offset}-{offset + length - 1}")
+            data = r["Body"].read()
+        except Exception as e:
+            err = self._err(e, key, "ranged get")
+            if "InvalidRange" in str(getattr(e, "response", "")):
+                err = ObjectMissing(f"{key} (truncated: wanted {length} bytes at {offset})")
+            raise err from None
+        if len(data) != length:
+            raise ObjectMissing(f"{key} (truncated: wanted {length} bytes at {offset})")
+        return data
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
+        except Exception as e:
+            err = self._err(e, key, "head")
+            if isinstance(err, ObjectMissing):
+                return False
+            raise err from None
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"])
+        except Exception as e:
+            raise self._err(e, key, "head") from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        out = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out.append(obj["Key"][len(self.prefix):])
+        except Exception as e:
+            raise self._err(e, prefix, "list") from None
+        return iter(sorted(out))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Sizes of every object under prefix, from the listing (one request per 1000 keys)."""
+        out = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=self._k(prefix)):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(self.prefix):]] = int(obj["Size"])
+        except Exception as e:
+            raise self._err(e, prefix, "list") from None
+        return out
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+        except Exception as e:
+            err = self._err(e, key, "delete")
+            if not isinstance(err, ObjectMissing):
+                raise err from None
+
+    def check_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            from botocore.exceptions import ClientError
+
+            if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                raise S3Error(f"bucket {self.bucket!r} does not exist at {self.url}"
+                              + (f" (endpoint {self.endpoint})" if self.endpoint else "")
+                              + ": create it or check the store URL") from None
+            raise self._err(e, "", "head bucket") from None
