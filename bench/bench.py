@@ -348,16 +348,18 @@ def report(med: dict, meta: dict, results: list) -> str:
     L.append("- **seconds**: wall time of the whole command (process start, Ray connect, ..., exit); median of runs.")
     L.append("- **MB/s**: logical (virtual) image size (%s = %s) / seconds, 10^6 bytes; the same basis for "
              "every tool, so it compares directly." % ("vm images", fmt_bytes(meta["corpus"]["size"])))
-    L.append("- **stored**: `du -sb` of the repository directory after the step (cumulative).")
+    L.append("- **stored**: `du -sb` of the repository directory after the step (cumulative); **added**: "
+             "stored growth in this step (median stored minus the previous step's median).")
     L.append("- **alike/peer speed**: alike MB/s / this tool's MB/s (>1 = alike faster). "
-             "**alike/peer stored**: alike stored bytes / this tool's (<1 = alike smaller).\n")
+             "**alike/peer stored**: alike stored bytes / this tool's (<1 = alike smaller). "
+             "On the `alike (cold)` row the speed ratio is warm alike / cold alike.\n")
     tools = [t for t in ["alike", "alike (cold)", "restic", "borg"] if any(k[0] == t for k in med)]
     for st in STEPS:
         if not any(k[1] == st for k in med):
             continue
         L.append(f"## {STEP_TITLES[st]}\n")
-        L.append("| tool | seconds | MB/s | stored | alike/peer speed | alike/peer stored |")
-        L.append("|---|---:|---:|---:|---:|---:|")
+        L.append("| tool | seconds | MB/s | stored | added | alike/peer speed | alike/peer stored |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
         a = med.get(("alike", st))
         for t in tools:
             m = med.get((t, st))
@@ -368,7 +370,11 @@ def report(med: dict, meta: dict, results: list) -> str:
                 so = f"{a['stored_bytes'] / m['stored_bytes']:.2f}" if t != "alike (cold)" else "-"
             else:
                 sp = so = "-"
-            L.append(f"| {t} | {m['seconds']:.2f} | {m['mb_s']:.0f} | {fmt_bytes(m['stored_bytes'])} | {sp} | {so} |")
+            i = STEPS.index(st)
+            prev = med.get((t, STEPS[i - 1])) if i else None
+            added = m["stored_bytes"] - (prev["stored_bytes"] if prev else 0) if (prev or i == 0) else None
+            ad = fmt_bytes(added) if added is not None else "-"
+            L.append(f"| {t} | {m['seconds']:.2f} | {m['mb_s']:.0f} | {fmt_bytes(m['stored_bytes'])} | {ad} | {sp} | {so} |")
         L.append("")
     L.append("## Targets\n")
     L.append("| target | measured | ok |")
@@ -433,7 +439,16 @@ def main(argv=None):
     ap.add_argument("--rebuild", action="store_true", help="rebuild the corpus even if one of this size exists")
     ap.add_argument("--corpus-only", action="store_true", help="build the corpus and stop")
     ap.add_argument("--keep", action="store_true", help="keep repositories under WORK/runs")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite RESULTS/latest.md from RESULTS/latest.json (no runs)")
     a = ap.parse_args(argv)
+    if a.report_only:
+        d = json.load(open(os.path.join(a.results, "latest.json")))
+        md = report(medians(d["results"]), d["meta"], d["results"])
+        with open(os.path.join(a.results, "latest.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return
     if os.geteuid() != 0:
         raise SystemExit("bench needs root: loop mounts to build the corpus, drop_caches between steps")
     for t in ("restic", "borg", "alike", "ray", "sfdisk", "mkfs.ext4", "losetup"):
