@@ -358,6 +358,9 @@ def summarize(res: dict) -> str:
                  f"{pct('worker: Ray worker loop (waiting, task dispatch)'):.0f}%; SnapshotActor (absorbing results, "
                  f"building and fsync-writing packs, serially) "
                  f"{pct('worker: SnapshotActor (absorb results, pack write, commit)'):.0f}%.")
+    S.append("- Caveat: `drop_caches` only empties this VM's page cache; the hypervisor may still cache the "
+             "image, so the same cold read of 1.35 GB measured 0.8-4.7 s across runs. The read share above is "
+             "an upper bound; zstd is the stable top cost.")
     S.append("- So the largest costs are: zstd level-3 compression and the buffered read (together ~3/4 of "
              "the CPU work), then per-command Ray job start-up (process start, imports, new workers), then "
              "the serial pack write with fsync in the snapshot actor. Hashing (BLAKE3), zero detection and "
