@@ -128,11 +128,21 @@ def cmd_backup(args) -> int:
     finally:
         bar.close()
     failed = [r for r in results if "error" in r]
+    if args.vault_to and len(failed) < len(results):
+        args.to = args.vault_to
+        done = [r["vm"] for r in results if "error" not in r]
+        rep = _vault(args, url, vms=done, versions=[r["version"] for r in results if "error" not in r])
+        for r in results:
+            if "error" not in r:
+                r["vaulted"] = f"{r['vm']}@{r['version']}" not in rep["versions_skipped"]
+        if rep["versions_skipped"]:
+            failed.append({"vm": ",".join(rep["versions_skipped"]), "error": "vault after backup skipped damaged versions",
+                           "exit_code": 3})
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "read_nodes", "seconds")
-    ok = [{k: r.get(k) for k in keys} for r in results if "error" not in r]
+            "cache_hits", "index_lookups", "packs", "read_nodes", "seconds", "vaulted")
+    ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:
             out(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
@@ -144,6 +154,42 @@ def cmd_backup(args) -> int:
                           "errors": [{"vm": r["vm"], "error": r["error"]} for r in failed]}))
     if failed:
         return max(int(r.get("exit_code", 1)) for r in failed)
+    return 0
+
+
+def _vault(args, src_spec, vms=None, versions=None) -> dict:
+    from pipelines.cluster import local_node_id
+    from pipelines.vault import run_vault
+    from storage.backend import store_spec
+
+    dst = store_spec(args.to, args.to_endpoint or args.endpoint, args.to_profile or args.profile)
+    bar = Progress("vault")
+    t0 = time.monotonic()
+    try:
+        rep = run_vault(src_spec, dst, vms=vms, versions=versions, on_progress=bar, node_id=local_node_id())
+    finally:
+        bar.close()
+    rep["seconds"] = round(time.monotonic() - t0, 3)
+    return rep
+
+
+def cmd_vault(args) -> int:
+    from storage.store import Store
+
+    from .config import store_url
+
+    url = store_url(args)
+    Store.open(url)
+    _connect(args)
+    rep = _vault(args, url, vms=args.vm, versions=args.version)
+    rate = rep["bytes_copied"] / rep["seconds"] if rep["seconds"] else 0
+    _emit(args, rep, f"vaulted {rep['versions_copied']} version(s) to {rep['target']} "
+                     f"({rep['versions_present']} already there): {rep['blocks_copied']} blocks, "
+                     f"{_h(rep['bytes_copied'])} copied in {rep['seconds']:.1f}s ({_h(rate)}/s)")
+    if rep["versions_skipped"]:
+        print(f"alike: error: {len(rep['versions_skipped'])} version(s) not vaulted, their blocks are damaged "
+              f"in the source: {', '.join(rep['versions_skipped'])} (run `alike verify`)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -180,6 +226,14 @@ def cmd_restore(args) -> int:
     url = store_url(args)
     st = Store.open(url)
     vm, _, version = args.vm.partition("@")
+    if args.offsite:
+        from storage.backend import store_spec
+
+        off = store_spec(args.offsite, args.offsite_endpoint or args.endpoint, args.offsite_profile or args.profile)
+        have_here = any(v == version or v.startswith(version) for _, v in st.list_versions(vm)) if version \
+            else bool(st.list_versions(vm))
+        if args.prefer == "offsite" or not have_here:
+            url, st = off, Store.open(off)
     version = resolve_version(st, vm, version or None)
     meta = st.read_version(vm, version)
     if len(meta["disks"]) == 1:
@@ -282,6 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the image path is visible on every Ray node (NFS...): read tasks may run anywhere")
     sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
 
+    sp.add_argument("--vault-to", metavar="STORE", help="after the backup, vault the new versions to this store")
+    sp.add_argument("--to-endpoint", help="S3 endpoint of the --vault-to store (default: --endpoint)")
+    sp.add_argument("--to-profile", help="AWS profile of the --vault-to store (default: --profile)")
+
+    sp = add("vault", cmd_vault, "copy versions to another store (ADS -> ODS, or back)",
+             "Copy versions from --store to --to, only the blocks the target lacks. The target is created "
+             "(with the source's hash key) when it does not exist. Resumable: run it again after an interruption. "
+             "--endpoint/--profile apply to --store and, unless --to-endpoint/--to-profile are given, to --to.")
+    sp.add_argument("--to", required=True, metavar="STORE", help="target store: a folder or s3://BUCKET/PREFIX")
+    sp.add_argument("--to-endpoint", help="S3 endpoint of the target (default: --endpoint)")
+    sp.add_argument("--to-profile", help="AWS profile of the target (default: --profile)")
+    sp.add_argument("--vm", action="append", help="only this VM (repeatable; default: all)")
+    sp.add_argument("--version", action="append", help="only this version id or prefix (repeatable)")
+    sp.add_argument("--address", help="Ray cluster to join")
+
     sp = add("versions", cmd_versions, "list versions, newest first")
     sp.add_argument("--vm", help="only this VM")
 
@@ -291,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("vm", metavar="VM[@VERSION]")
     sp.add_argument("--to", required=True, help="target file (or folder for several disks)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing target")
+    sp.add_argument("--offsite", metavar="STORE", help="the offsite store (ODS) holding copies of --store's versions")
+    sp.add_argument("--offsite-endpoint", help="S3 endpoint of --offsite (default: --endpoint)")
+    sp.add_argument("--offsite-profile", help="AWS profile of --offsite (default: --profile)")
+    sp.add_argument("--prefer", choices=["onsite", "offsite"], default="onsite",
+                    help="which store to read when both hold the version (default onsite; the other "
+                         "is used when only it has the version)")
     sp.add_argument("--address", help="Ray cluster to join")
 
     sp = add("verify", cmd_verify, "re-read and check every block of every version")

@@ -64,7 +64,7 @@ class S3Backend(Backend):
                 session = boto3.session.Session(profile_name=self.profile)
             except Exception as e:  # ProfileNotFound...
                 raise S3Error(f"cannot use AWS profile {self.profile!r} for {self.url}: {type(e).__name__}") from None
-            cfg = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=self.max_connections,
+            cfg = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=self.max_connections,
                          connect_timeout=10, read_timeout=60,
                          request_checksum_calculation="when_supported",
                          response_checksum_validation="when_supported")

@@ -1,0 +1,221 @@
+"""Vault: replicate versions from one store to another (ADS -> ODS, ODS -> ADS, any backend).
+
+Dedup-aware: only blocks the target's index lacks are copied, once each, whatever the number
+of versions that share them. Blocks travel as they are stored (no recompression) but are
+decoded and re-hashed on the way, so damaged data is never copied. Resumable: each `copy_packs`
+task puts its target packs and then the index segments naming them, so an interrupted run
+leaves only durable, indexed blocks (or unreferenced packs), and the next run copies only what
+is still missing. A version is committed on the target (manifests, then version.json) only
+after every one of its blocks is there. Vaulting again copies nothing.
+
+The target shares the source's hash key (it is created with it), else blocks would not match;
+a target with another key or block size is refused.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import ray
+
+from storage.errors import InvalidValue, ObjectMissing, StoreError
+from storage.index import h32
+from storage.pack import TARGET_PACK, PackBuilder, pack_key
+from storage.store import Store
+
+from .faults import crash_point
+from .index import IndexClient
+
+TASK_BYTES = 128 * 1024 * 1024
+
+
+class VaultError(StoreError):
+    """{detail}"""
+
+
+def open_target(src: Store, target_spec) -> Store:
+    """Open the target store, creating it with the source's block size and hash key."""
+    try:
+        dst = Store.open(target_spec)
+    except StoreError as e:
+        if type(e).__name__ not in ("NotAStore",) and "does not exist" not in e.message:
+            raise
+        dst = None
+    if dst is None:
+        from storage.backend import open_backend
+
+        backend = open_backend(target_spec)
+        path = backend.local_path("")
+        if path is None and hasattr(backend, "check_bucket"):
+            backend.check_bucket()
+        if any(True for _ in backend.list("")):
+            raise VaultError(f"{backend.url} holds other data and is not a store: vault into an empty location")
+        cfg = dict(src.config)
+        import datetime
+        import uuid
+
+        cfg.update(store_id=uuid.uuid4().hex, vault_of=src.config["store_id"],
+                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        backend.put("config.json", json.dumps(cfg, indent=2).encode())
+        return Store(backend, cfg)
+    if dst.config["hash_key"] != src.config["hash_key"]:
+        raise VaultError(
+            f"{dst.url} is a store with another hash key than {src.url}: its blocks cannot be shared. "
+            "Vault into a new (empty) location, which alike creates with the right key")
+    if dst.block_size != src.block_size:
+        raise VaultError(f"{dst.url} has block size {dst.block_size}, {src.url} {src.block_size}: they must match")
+    return dst
+
+
+@ray.remote(max_retries=3)
+def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np.ndarray, hashes: np.ndarray):
+    """Copy blocks (sorted by source pack and offset) into new target packs, then index them.
+    -> (blocks copied, stored bytes copied, damaged hashes)."""
+    src, dst = Store.open(src_spec), Store.open(dst_spec)
+    codec = src.codec
+    builder = PackBuilder()
+    written = []  # (hash, pack, off, len)
+    damaged = []
+    nbytes = 0
+
+    def flush():
+        nonlocal builder
+        if len(builder):
+            dst.put_pack(builder)
+            crash_point("vault-pack")
+            written.extend((h, builder.pack_id, o, n) for h, o, n, _ in builder.entries)
+            builder = PackBuilder()
+
+    i, n = 0, len(offs)
+    while i < n:
+        j = i + 1
+        end = int(offs[i] + lens[i])
+        while j < n and packs[j] == packs[i] and int(offs[j]) - end < 1 << 20 and int(offs[j] + lens[j]) - int(offs[i]) < 64 << 20:
+            end = max(end, int(offs[j] + lens[j]))
+            j += 1
+        start = int(offs[i])
+        try:
+            span = src.read_stored(packs[i], start, end - start)
+        except ObjectMissing:
+            damaged.extend(hashes[i:j])
+            i = j
+            continue
+        for k in range(i, j):
+            o = int(offs[k]) - start
+            stored = span[o:o + int(lens[k])]
+            h = h32(hashes[k])
+            try:
+                codec.decode(stored, h)
+            except StoreError:
+                damaged.append(hashes[k])
+                continue
+            builder.add(h, stored)
+            nbytes += len(stored)
+            if builder.size >= TARGET_PACK:
+                flush()
+        i = j
+    flush()
+    if written:
+        dst.write_segments(np.array([w[0] for w in written], dtype="S32"), [w[1] for w in written],
+                           [w[2] for w in written], [w[3] for w in written])
+    return len(written), nbytes, np.array(damaged, dtype="S32")
+
+
+def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[str] | None = None,
+              on_progress=None, node_id: str | None = None) -> dict:
+    from .cluster import cluster_cpus, pin_here
+
+    src = Store.open(src_spec)
+    dst = open_target(src, dst_spec)
+    if src.config["store_id"] == dst.config["store_id"]:
+        raise VaultError("the source and the target are the same store")
+    chosen = src.list_versions()
+    if vms:
+        unknown = set(vms) - {vm for vm, _ in chosen}
+        if unknown:
+            raise VaultError(f"no VM named {sorted(unknown)[0]!r} in {src.url}")
+        chosen = [(vm, v) for vm, v in chosen if vm in vms]
+    if versions:
+        sel = [(vm, v) for vm, v in chosen if any(v == x or v.startswith(x) for x in versions)]
+        if not sel:
+            raise VaultError(f"no version {versions[0]!r} in {src.url}: see `alike versions`")
+        chosen = sel
+    have = set(dst.list_versions())
+    todo = [(vm, v) for vm, v in chosen if (vm, v) not in have]
+    report = {"source": src.url, "target": dst.url, "versions_selected": len(chosen),
+              "versions_copied": 0, "versions_present": len(chosen) - len(todo),
+              "blocks_copied": 0, "bytes_copied": 0, "damaged_blocks": 0, "versions_skipped": []}
+    if not todo:
+        return report
+    metas, manifests = {}, {}
+    for vm, v in todo:
+        metas[(vm, v)] = src.read_version(vm, v)
+        manifests[(vm, v)] = [src.read_manifest(vm, v, d["manifest"])[1] for d in metas[(vm, v)]["disks"]]
+    allh = np.unique(np.concatenate([h for hs in manifests.values() for h in hs] + [np.zeros(0, "S32")]))
+    here = pin_here(node_id)
+    dst_index = IndexClient.start(dst_spec, 1, here)
+    try:
+        have_h = dst_index.lookup(allh) if len(allh) else np.zeros(0, bool)
+    finally:
+        dst_index.shutdown()
+    need = allh[~have_h]
+    src_index = IndexClient.start(src_spec, 1, here)
+    try:
+        found, packs, off, ln, _ = src_index.locate(need)
+    finally:
+        src_index.shutdown()
+    damaged = [need[~found]]
+    need, packs, off, ln = need[found], packs[found].astype(str), off[found], ln[found]
+    order = np.lexsort((off, packs))
+    need, packs, off, ln = need[order], packs[order], off[order], ln[order]
+    refs = []
+    cum = np.cumsum(ln.astype(np.int64))
+    start = 0
+    in_flight = 2 * cluster_cpus()
+    total_bytes = int(cum[-1]) if len(cum) else 0
+    done_bytes = 0
+
+    def absorb(ref):
+        nonlocal done_bytes
+        c, b, bad = ray.get(ref)
+        report["blocks_copied"] += c
+        report["bytes_copied"] += b
+        done_bytes += b
+        if len(bad):
+            damaged.append(bad)
+        if on_progress:
+            on_progress(done_bytes, total_bytes)
+
+    try:
+        while start < len(need):
+            base = cum[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(cum, base + TASK_BYTES, side="right")))
+            # never split one source pack's run between two tasks mid-range needlessly
+            if len(refs) >= in_flight:
+                ready, refs = ray.wait(refs, num_returns=1)
+                absorb(ready[0])
+            refs.append(copy_packs.remote(src_spec, dst_spec, packs[start:stop], off[start:stop], ln[start:stop],
+                                          need[start:stop]))
+            start = stop
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            absorb(ready[0])
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, StoreError):
+            raise cause from None
+        raise
+    bad = np.unique(np.concatenate(damaged))
+    skipped = []
+    for (vm, v), hs in manifests.items():
+        if len(bad) and any(np.isin(h, bad).any() for h in hs):
+            skipped.append(f"{vm}@{v}")
+            continue
+        crash_point("vault-commit")
+        for d in metas[(vm, v)]["disks"]:
+            dst.backend.put(f"versions/{vm}/{v}/{d['manifest']}", src.backend.get(f"versions/{vm}/{v}/{d['manifest']}"))
+        dst.commit_version(vm, v, metas[(vm, v)])
+        report["versions_copied"] += 1
+    report["damaged_blocks"] = int(len(bad))
+    report["versions_skipped"] = skipped
+    return report
