@@ -6,9 +6,14 @@ Steps, per tool, per run (fresh repository each run):
   vm2      backup of vm2.raw (a second VM from the same template) into the same repository
   day2     backup of vm1-day2.raw (vm1 a day later; for alike the same VM name "vm1")
   restore  restore of the day-2 version to a file on the same filesystem, checked with cmp
+  s3-vault    (--s3, default on; alike and restic) copy of all 3 versions from the local repository
+              to an S3 server on 127.0.0.1 (moto's server mode, started by the bench, one per run)
+  s3-restore  restore of the day-2 version from that S3 copy to a file, checked with cmp
 
 MB/s = logical (virtual) image size in 10^6 bytes / wall seconds of the whole command, for
-every tool alike. Stored bytes = `du -sb` of the repository directory after the step.
+every tool alike; for s3-vault: bytes uploaded (object bytes in the S3 target after the step).
+Stored bytes = `du -sb` of the repository directory after the step (S3 steps: the sum of the
+object sizes under the tool's S3 prefix).
 The page cache is dropped before every step. Needs root (loop mounts, drop_caches).
 
     python bench/bench.py --size 2G --runs 3
@@ -16,6 +21,7 @@ The page cache is dropped before every step. Needs root (loop mounts, drop_cache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,14 +38,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import corpus  # noqa: E402
 
-STEPS = ["first", "vm2", "day2", "restore"]
+LOCAL_STEPS = ["first", "vm2", "day2", "restore"]
+S3_STEPS = ["s3-vault", "s3-restore"]
+STEPS = LOCAL_STEPS + S3_STEPS
 STEP_TITLES = {
     "first": "(a) first backup of vm1",
     "vm2": "(b) backup of vm2 (second VM from the same template)",
     "day2": "(c) day-later backup of vm1 (vm1-day2.raw)",
     "restore": "(d) restore of the day-later version to a file",
+    "s3-vault": "(e) vault: copy of the 3 versions (vm1, vm2, vm1-day2) to S3 (offsite)",
+    "s3-restore": "(f) restore of the day-later version from S3 to a file",
 }
+# the step whose stored bytes this step's "added" is counted from (None: an empty repository)
+STEP_PREV = {"first": None, "vm2": "first", "day2": "vm2", "restore": "day2",
+             "s3-vault": None, "s3-restore": "s3-vault"}
+RESTORE_STEPS = ("restore", "s3-restore")
 TOOLS = ["alike", "restic", "borg"]
+S3_TOOLS = ("alike", "restic")  # borg has no S3 backend
+# dummy credentials for the local S3 server, for every tool (and alike's Ray workers)
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 RAY_TMP = "/tmp/alike-bench-ray"   # short: Ray's unix socket paths must stay < 108 chars
 
 
@@ -177,6 +195,75 @@ class RayHead:
 
 
 # ---------------------------------------------------------------------------------------------
+# S3 server for the S3 steps: moto's server mode (a real S3 HTTP API on 127.0.0.1, objects kept in
+# memory), in its own process, one per run (so its memory is given back between runs), stopped by pid.
+
+class S3Server:
+    def __init__(self, log_path: str):
+        self.log_path = log_path
+        self.proc = None
+        self.endpoint = None
+
+    def __enter__(self):
+        port = free_port()
+        env = dict(os.environ, **S3_ENV)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                self.client().list_buckets()
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"S3 server (moto) did not start; see {self.log_path}")
+                time.sleep(0.3)
+        log(f"S3 server (moto, pid {self.proc.pid}) at {self.endpoint}")
+        return self
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                            config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def bucket_bytes(self, bucket: str, prefix: str = "") -> int:
+        total = 0
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            total += sum(o["Size"] for o in page.get("Contents", []))
+        return total
+
+    def delete_bucket(self, name: str) -> None:
+        c = self.client()
+        try:
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                for i in range(0, len(keys), 1000):
+                    c.delete_objects(Bucket=name, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+            c.delete_bucket(Bucket=name)
+        except Exception as e:  # the server goes at the end of the run anyway
+            log(f"could not delete bucket {name}: {type(e).__name__}: {e}")
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        log("S3 server stopped")
+
+
+# ---------------------------------------------------------------------------------------------
 # The tools. Each: setup(), step(name) -> dict(seconds, extra...), repo path.
 
 class Tool:
@@ -191,8 +278,27 @@ class Tool:
         self.restore_dir = os.path.join(self.dir, "restore")
         os.makedirs(self.restore_dir)
 
+    s3: "S3Server | None" = None
+    bucket: str | None = None
+    s3_prefix = ""
+
+    def use_s3(self, server: "S3Server", run_no: int) -> None:
+        """Give the tool its own bucket on the run's S3 server (deleted again by cleanup)."""
+        self.s3 = server
+        self.bucket = re.sub(r"[^a-z0-9-]+", "-", f"bench-{self.name}-{run_no}".lower()).strip("-")
+        self.s3_prefix = f"{re.sub(r'[^a-z0-9]+', '-', self.name.lower()).strip('-')}-{run_no}"
+        server.create_bucket(self.bucket)
+
+    def stored(self, step: str) -> int:
+        if step in S3_STEPS:
+            return self.s3.bucket_bytes(self.bucket, self.s3_prefix + "/")
+        return du(self.repo)
+
     def cleanup(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.s3 and self.bucket:
+            self.s3.delete_bucket(self.bucket)
+            self.bucket = None
 
 
 class Alike(Tool):
@@ -228,9 +334,14 @@ class Alike(Tool):
             return self._backup(self.images["vm2"], "vm2")
         if name == "day2":
             return self._backup(self.images["vm1-day2"], "vm1")
+        s3_url = f"s3://{self.bucket}/{self.s3_prefix}" if self.bucket else None
+        if name == "s3-vault":
+            dt, out = run(["alike", "vault", "--store", self.repo, "--to", s3_url, "--endpoint", self.s3.endpoint,
+                           "--json"], env=self.env)
+            return dict(seconds=dt, alike=last_json(out))
         target = os.path.join(self.restore_dir, "vm1-day2.raw")
-        dt, out = run(["alike", "restore", "--store", self.repo, "vm1", "--to", target, "--force", "--json"],
-                      env=self.env)
+        src = ["--store", self.repo] if name == "restore" else ["--store", s3_url, "--endpoint", self.s3.endpoint]
+        dt, out = run(["alike", "restore", *src, "vm1", "--to", target, "--force", "--json"], env=self.env)
         return dict(seconds=dt, restored=target, alike=last_json(out))
 
 
@@ -256,9 +367,28 @@ class Restic(Tool):
     def step(self, name):
         if name in ("first", "vm2", "day2"):
             return self._backup(self.images[{"first": "vm1", "vm2": "vm2", "day2": "vm1-day2"}[name]])
-        dt, _ = run(["restic", "restore", self.snap, "--target", self.restore_dir], env=self.env)
+        if name == "s3-vault":
+            # a new repository on S3 with the local one's chunker parameters (so the copy keeps the
+            # dedup), then `restic copy` of all snapshots; both commands are timed (alike's vault
+            # creates its target too)
+            env = dict(self.env, RESTIC_REPOSITORY=self.s3_repo, RESTIC_FROM_REPOSITORY=self.repo,
+                       RESTIC_FROM_PASSWORD=self.env["RESTIC_PASSWORD"])
+            t_init, _ = run(["restic", "init", "--repository-version", "2", "--copy-chunker-params"], env=env)
+            t_copy, _ = run(["restic", "copy", "--compression", "auto"], env=env)
+            return dict(seconds=t_init + t_copy, restic=dict(init_seconds=round(t_init, 3),
+                                                             copy_seconds=round(t_copy, 3)))
+        if name == "restore":
+            dt, _ = run(["restic", "restore", self.snap, "--target", self.restore_dir], env=self.env)
+        else:  # the latest snapshot of the day-2 image, from the S3 copy
+            env = dict(self.env, RESTIC_REPOSITORY=self.s3_repo)
+            dt, _ = run(["restic", "restore", "latest", "--path", self.images["vm1-day2"],
+                         "--target", self.restore_dir], env=env)
         found = [os.path.join(r, f) for r, _, fs in os.walk(self.restore_dir) for f in fs if f == "vm1-day2.raw"]
         return dict(seconds=dt, restored=found[0] if found else None)
+
+    @property
+    def s3_repo(self) -> str:
+        return f"s3:{self.s3.endpoint}/{self.bucket}/{self.s3_prefix}"
 
 
 class Borg(Tool):
@@ -297,18 +427,23 @@ def run_tool(tool: Tool, steps, logical: dict, drop: bool, results: list, run_no
     for st in steps:
         drop_caches(drop)
         r = tool.step(st)
-        stored = du(tool.repo)
-        if st == "restore":
+        stored = tool.stored(st)
+        if st in RESTORE_STEPS:
             src = tool.images["vm1-day2"]
             if not r.get("restored") or not os.path.exists(r["restored"]):
                 raise SystemExit(f"{tool.name}: restore produced no file")
             cmp_or_die(src, r["restored"], tool.name)
             r["verified"] = True
             os.remove(r["restored"])
-        img = {"first": "vm1", "vm2": "vm2", "day2": "vm1-day2", "restore": "vm1-day2"}[st]
+        if st == "s3-vault":  # the 3 versions; MB/s on the bytes uploaded (what the S3 target holds after)
+            lb, basis = logical["vm1"] + logical["vm2"] + logical["vm1-day2"], stored
+        else:
+            lb = logical[{"first": "vm1", "vm2": "vm2", "day2": "vm1-day2", "restore": "vm1-day2",
+                          "s3-restore": "vm1-day2"}[st]]
+            basis = lb
         rec = dict(run=run_no, tool=tool.name, step=st, seconds=round(r.pop("seconds"), 3),
-                   logical_bytes=logical[img], stored_bytes=stored, **r)
-        rec["mb_s"] = round(rec["logical_bytes"] / 1e6 / rec["seconds"], 1)
+                   logical_bytes=lb, basis_bytes=basis, stored_bytes=stored, **r)
+        rec["mb_s"] = round(rec["basis_bytes"] / 1e6 / rec["seconds"], 1)
         results.append(rec)
         log(f"run {run_no} {tool.name:12s} {st:8s} {rec['seconds']:8.2f} s {rec['mb_s']:8.1f} MB/s "
             f"stored {stored / 1e6:9.1f} MB")
@@ -321,7 +456,8 @@ def medians(results: list) -> dict:
     med = {}
     for (tool, step), recs in out.items():
         secs = statistics.median(r["seconds"] for r in recs)
-        med[(tool, step)] = dict(seconds=secs, mb_s=recs[0]["logical_bytes"] / 1e6 / secs,
+        basis = statistics.median(r.get("basis_bytes", r["logical_bytes"]) for r in recs)
+        med[(tool, step)] = dict(seconds=secs, mb_s=basis / 1e6 / secs, basis_bytes=int(basis),
                                  stored_bytes=int(statistics.median(r["stored_bytes"] for r in recs)),
                                  runs=len(recs), all_seconds=[r["seconds"] for r in recs])
     return med
@@ -350,9 +486,23 @@ def report(med: dict, meta: dict, results: list) -> str:
              "every tool, so it compares directly." % ("vm images", fmt_bytes(meta["corpus"]["size"])))
     L.append("- **stored**: `du -sb` of the repository directory after the step (cumulative); **added**: "
              "stored growth in this step (median stored minus the previous step's median).")
-    L.append("- **alike/peer speed**: alike MB/s / this tool's MB/s (>1 = alike faster). "
+    L.append("- **alike/peer speed**: this tool's seconds / alike's seconds, i.e. alike MB/s / this tool's MB/s "
+             "where both count the same bytes (>1 = alike faster). "
              "**alike/peer stored**: alike stored bytes / this tool's (<1 = alike smaller). "
-             "On the `alike (cold)` row the speed ratio is warm alike / cold alike.\n")
+             "On the `alike (cold)` row the speed ratio is warm alike / cold alike.")
+    if any(k[1] in S3_STEPS for k in med):
+        L.append("- **S3 steps** (e, f): against a real S3 HTTP server on 127.0.0.1 started by the bench (moto %s "
+                 "server mode, objects in memory, one server process per run, on the same 2 cores as the tools). "
+                 "(e) alike: `alike vault --store LOCAL --to s3://BUCKET/alike-RUN --endpoint URL` (target created "
+                 "by the command); restic: `restic init --repository-version 2 --copy-chunker-params` of "
+                 "`s3:URL/BUCKET/restic-RUN` + `restic copy --from-repo LOCAL` (all snapshots; seconds = both "
+                 "commands). (f) alike: `alike restore --store s3://... vm1 --to FILE`; restic: `restic restore "
+                 "latest --path IMAGE --target DIR` on the S3 repository; both checked with `cmp`. borg has no S3 "
+                 "backend: no borg rows. In (e) **MB/s** = bytes uploaded (the object bytes under the tool's S3 "
+                 "prefix after the step, = **stored**) / seconds, so each tool's MB/s counts its own bytes and the "
+                 "speed ratio is the seconds ratio of the same job (copy 3 versions offsite); in (f) MB/s is on the "
+                 "logical image size, as in (d). **stored** in (e, f) = the S3 copy." % meta.get("moto", "?"))
+    L.append("")
     tools = [t for t in ["alike", "alike (cold)", "restic", "borg"] if any(k[0] == t for k in med)]
     for st in STEPS:
         if not any(k[1] == st for k in med):
@@ -366,13 +516,13 @@ def report(med: dict, meta: dict, results: list) -> str:
             if not m:
                 continue
             if a and t != "alike":
-                sp = f"{a['mb_s'] / m['mb_s']:.2f}x"
+                sp = f"{m['seconds'] / a['seconds']:.2f}x"
                 so = f"{a['stored_bytes'] / m['stored_bytes']:.2f}" if t != "alike (cold)" else "-"
             else:
                 sp = so = "-"
-            i = STEPS.index(st)
-            prev = med.get((t, STEPS[i - 1])) if i else None
-            added = m["stored_bytes"] - (prev["stored_bytes"] if prev else 0) if (prev or i == 0) else None
+            p = STEP_PREV[st]
+            prev = med.get((t, p)) if p else None
+            added = m["stored_bytes"] - (prev["stored_bytes"] if prev else 0) if (prev or p is None) else None
             ad = fmt_bytes(added) if added is not None else "-"
             L.append(f"| {t} | {m['seconds']:.2f} | {m['mb_s']:.0f} | {fmt_bytes(m['stored_bytes'])} | {ad} | {sp} | {so} |")
         L.append("")
@@ -438,7 +588,10 @@ def main(argv=None):
     ap.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between steps")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the corpus even if one of this size exists")
     ap.add_argument("--corpus-only", action="store_true", help="build the corpus and stop")
-    ap.add_argument("--keep", action="store_true", help="keep repositories under WORK/runs")
+    ap.add_argument("--s3", action=argparse.BooleanOptionalAction, default=True,
+                    help="S3 steps (e) vault to S3 and (f) restore from S3, alike and restic, against a moto "
+                         "S3 server on 127.0.0.1 started per run (default on; --no-s3 to skip)")
+    ap.add_argument("--keep", action="store_true", help="keep repositories under WORK/runs (S3 buckets go anyway)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite RESULTS/latest.md from RESULTS/latest.json (no runs)")
     a = ap.parse_args(argv)
@@ -465,32 +618,49 @@ def main(argv=None):
     logical = {k: os.path.getsize(p) for k, p in images.items()}
     results: list = []
     drop = not a.no_drop_caches
+    if a.s3:
+        import boto3  # noqa: F401  (fail early: the S3 steps need boto3 and moto's server mode)
+        import moto.server  # noqa: F401
+        os.environ.update(S3_ENV)  # dummy credentials for every tool, and for alike's Ray head/workers
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+        os.environ.pop("AWS_PROFILE", None)
     for run_no in range(1, a.runs + 1):
         order = tools[(run_no - 1) % len(tools):] + tools[:(run_no - 1) % len(tools)]  # rotate: spread noise
-        for name in order:
-            if name == "alike":
-                if not a.no_cold:
-                    cold = Alike(a.work, images, run_no, None, a.block_size, tag="alike (cold)")
-                    run_tool(cold, ["first"], logical, drop, results, run_no)
-                    cold.cleanup()
-                with RayHead(a.ray_cpus) as head:
-                    t = Alike(a.work, images, run_no, head.address, a.block_size)
-                    run_tool(t, STEPS, logical, drop, results, run_no)
-            elif name == "restic":
-                t = Restic(a.work, images, run_no)
-                run_tool(t, STEPS, logical, drop, results, run_no)
-            elif name == "borg":
-                t = Borg(a.work, images, run_no)
-                run_tool(t, STEPS, logical, drop, results, run_no)
-            else:
-                raise SystemExit(f"unknown tool {name}")
-            if not a.keep:
-                t.cleanup()
+        with (S3Server(os.path.join(a.work, "moto.log")) if a.s3 else contextlib.nullcontext()) as s3:
+            for name in order:
+                steps = STEPS if (s3 and name in S3_TOOLS) else LOCAL_STEPS
+                if name == "alike":
+                    if not a.no_cold:
+                        cold = Alike(a.work, images, run_no, None, a.block_size, tag="alike (cold)")
+                        run_tool(cold, ["first"], logical, drop, results, run_no)
+                        cold.cleanup()
+                    with RayHead(a.ray_cpus) as head:
+                        t = Alike(a.work, images, run_no, head.address, a.block_size)
+                        if steps is STEPS:
+                            t.use_s3(s3, run_no)
+                        run_tool(t, steps, logical, drop, results, run_no)
+                elif name == "restic":
+                    t = Restic(a.work, images, run_no)
+                    if steps is STEPS:
+                        t.use_s3(s3, run_no)
+                    run_tool(t, steps, logical, drop, results, run_no)
+                elif name == "borg":
+                    t = Borg(a.work, images, run_no)
+                    run_tool(t, steps, logical, drop, results, run_no)
+                else:
+                    raise SystemExit(f"unknown tool {name}")
+                if not a.keep:
+                    t.cleanup()
+                elif t.bucket:
+                    t.s3.delete_bucket(t.bucket)  # the server's memory; it goes at the end of the run anyway
     med = medians(results)
     meta = dict(command="python bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
                 cpus=os.cpu_count(), runs=a.runs, block_size=a.block_size, corpus=meta_c,
                 versions=versions(), total_seconds=round(time.time() - t_start, 1))
+    if a.s3:
+        import importlib.metadata as imd
+        meta["moto"] = imd.version("moto")
     md = report(med, meta, results)
     print(md)
     os.makedirs(a.results, exist_ok=True)
