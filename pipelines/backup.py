@@ -14,8 +14,8 @@ batch, and compresses the blocks the store lacks. Blocks travel as numpy arrays.
 from __future__ import annotations
 
 import os
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import traceback
 
 import numpy as np
@@ -28,9 +28,10 @@ from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store, new_version_id
 
 from .faults import crash_point
-from .index import DURABLE, NEW, PENDING, IndexClient
+from .index import NEW, PENDING, IndexClient
 
 TASK_BYTES = 32 * 1024 * 1024
+READ_BYTES = 4 * 1024 * 1024
 EMPTY = np.zeros(0, dtype="S32")
 
 
@@ -55,7 +56,14 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
     cand_i, cand_buf = [], []
     read_bytes = zero = hits = 0
     bi = -1  # position in `blocks` (and `prev`)
-    for first, count in _runs(blocks):
+    runs = []
+    for first, count in _runs(blocks):  # pieces of at most READ_BYTES
+        step = max(1, READ_BYTES // block_size)
+        runs += [(f, min(step, first + count - f)) for f in range(first, first + count, step)]
+    if hasattr(disk, "prefetch"):
+        for first, count in runs:  # the disk reads ahead while we hash and compress
+            disk.prefetch(first * block_size, min(count * block_size, disk.size - first * block_size))
+    for first, count in runs:
         off = first * block_size
         length = min(count * block_size, disk.size - off)
         buf = np.zeros(length, dtype=np.uint8)
@@ -104,7 +112,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         "cache_hits": hits,
         "lookups": lookups,
         "node": ray.get_runtime_context().get_node_id(),
-        "logical": int(sum(min(c * block_size, disk.size - f * block_size) for f, c in _runs(blocks))),
+        "logical": int(sum(min(c * block_size, disk.size - f * block_size) for f, c in runs)),
     }
 
 
@@ -117,7 +125,8 @@ class SnapshotActor:
         self.done = 0
         self.total = 0
         self.phase = "starting"
-        self.lock = threading.Lock()
+        self.writer = None
+        self.writes = []
 
     def progress(self) -> tuple[int, int, str]:
         return self.done, self.total, self.phase
@@ -140,6 +149,8 @@ class SnapshotActor:
             detail = traceback.format_exc() if os.environ.get("ALIKE_DEBUG") else ""
             raise BackupError(f"backup of {vm} failed: {type(e).__name__}: {e}{detail}") from None
         finally:
+            if self.writer is not None:
+                self.writer.shutdown(wait=True)
             try:
                 self.index.release(self.owner)
             finally:
@@ -214,7 +225,7 @@ class SnapshotActor:
                 self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats)
             manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out)))
             disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
-        self._flush(stats)
+        self._flush(stats, wait=True)
         self.phase = "commit"
         borrowed = self._settle(snap, manifests, stats)
         # commit order: packs (done) -> index segments -> manifests -> version.json
@@ -274,18 +285,26 @@ class SnapshotActor:
         if self.builder.size >= TARGET_PACK:
             self._flush(stats)
 
-    def _flush(self, stats) -> None:
+    def _flush(self, stats, wait: bool = False) -> None:
+        """Hand the current pack to the writer thread (at most two packs wait), so that
+        absorbing task results goes on while a pack is written and fsync'd."""
         b = self.builder
-        if not len(b):
-            return
-        self.builder = PackBuilder()
+        if len(b):
+            self.builder = PackBuilder()
+            if self.writer is None:
+                self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
+            self.writes.append(self.writer.submit(self._write_pack, b, stats))
+        while self.writes and (wait or len(self.writes) > 2 or self.writes[0].done()):
+            self.writes.pop(0).result()  # re-raises a failed write (disk full...) here
+
+    def _write_pack(self, b: PackBuilder, stats) -> None:
         self.store.put_pack(b)
         crash_point("after-pack")
         stats["packs"] += 1
         h = np.array([e[0] for e in b.entries], dtype="S32")
         o = np.array([e[1] for e in b.entries], dtype=np.uint64)
         l = np.array([e[2] for e in b.entries], dtype=np.uint64)
-        self.index.commit(h, b.pack_id, o, l)
+        self.index.commit(h, b.pack_id, o, l)  # now durable: other VMs of this run may use it
         self.own.append((h, b.pack_id, o, l))
 
     def _settle(self, snap, manifests, stats):
@@ -322,7 +341,7 @@ class SnapshotActor:
                 st = self.index.claim(np.array([h], dtype="S32"), self.owner)
                 if st[0] == NEW:
                     self._add(h, codec.encode(data), stats)
-        self._flush(stats)
+        self._flush(stats, wait=True)
 
 
 def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool = False,
@@ -334,7 +353,8 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     Store.open(store_url)  # a clear error before any actor starts
     cpus = cluster_cpus()
     here = pin_here(node_id)
-    index = IndexClient.start(store_url, index_actors or max(1, min(4, cpus // 2)), here)
+    # the shards load while the snapshot actors start; their first call waits for them
+    index = IndexClient.start(store_url, index_actors or max(1, min(4, cpus // 2)), here, wait=False)
     results: dict[int, dict] = {}
     running: dict = {}
     queue = list(enumerate(jobs))

@@ -6,6 +6,8 @@ import logging
 import os
 import warnings
 
+from storage.errors import StoreError
+
 
 def connect(address: str | None = None, env: dict | None = None) -> None:
     import ray
@@ -23,9 +25,39 @@ def connect(address: str | None = None, env: dict | None = None) -> None:
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        # clusters made by `ray start` (Ray >= 2.5x) require its token, kept in ~/.ray/auth_token;
+        # token mode also joins clusters without authentication
+        if not os.environ.get("RAY_AUTH_MODE") and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+            os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]} "
+                               "(if it uses token authentication, set RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        # "local": always a new instance of our own, even if `ray start` left one on this host
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+
+
+class ClusterError(StoreError):
+    """{detail}"""
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, with a clear message, where Ray itself would retry for minutes."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not HOST:PORT (or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start it with "
+                           "`ray start --head`, or fix --address / RAY_ADDRESS") from None
 
 
 def local_node_id() -> str:

@@ -78,12 +78,13 @@ class IndexClient:
         self.actors = actors
 
     @classmethod
-    def start(cls, store_url: str, n_actors: int, scheduling_strategy=None) -> "IndexClient":
+    def start(cls, store_url: str, n_actors: int, scheduling_strategy=None, wait: bool = True) -> "IndexClient":
         n_actors = max(1, min(N_SHARDS, n_actors))
         opts = {"scheduling_strategy": scheduling_strategy} if scheduling_strategy else {}
         actors = [IndexShard.options(**opts).remote(store_url, [s for s in range(N_SHARDS) if s % n_actors == a])
                   for a in range(n_actors)]
-        ray.get([a.ready.remote() for a in actors])
+        if wait:
+            ray.get([a.ready.remote() for a in actors])
         return cls(actors)
 
     def _split(self, hashes: np.ndarray):
@@ -133,3 +134,26 @@ class IndexClient:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+
+
+class LocalIndex:
+    """The whole index loaded in this process, with IndexClient's read interface: for one-shot
+    readers (restore, verify, vault) that would otherwise pay an actor's start-up."""
+
+    def __init__(self, store_url):
+        store = Store.open(store_url)
+        self.index = CompactIndex()
+        for key in store.segment_keys():
+            self.index.add(*store.read_segment(key))
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        return self.index.lookup(hashes)[0]
+
+    def locate(self, hashes: np.ndarray):
+        found, packs, off, ln = self.index.locate(hashes)
+        arr = np.empty(len(hashes), dtype=object)
+        arr[:] = packs
+        return found, arr, off.astype(np.uint64), ln.astype(np.uint64), np.zeros(len(hashes), bool)
+
+    def shutdown(self) -> None:
+        pass

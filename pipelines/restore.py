@@ -20,7 +20,7 @@ from storage.index import h32
 from storage.store import Store
 
 from .faults import crash_point
-from .index import IndexClient
+from .index import IndexClient, LocalIndex
 
 TASK_BYTES = 32 * 1024 * 1024
 
@@ -129,7 +129,7 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
         if not os.path.isdir(folder):
             raise RestoreError(f"folder {folder} does not exist: create it first")
     here = pin_here(node_id)
-    index = IndexClient.start(store_url, index_actors, here)
+    index = LocalIndex(store_url)
     tmps = [os.path.join(os.path.dirname(os.path.abspath(t)), f".{os.path.basename(t)}.alike-{uuid.uuid4().hex[:8]}")
             for t in targets]
     try:

@@ -18,13 +18,13 @@ import json
 import numpy as np
 import ray
 
-from storage.errors import InvalidValue, ObjectMissing, StoreError
+from storage.errors import ObjectMissing, StoreError
 from storage.index import h32
-from storage.pack import TARGET_PACK, PackBuilder, pack_key
+from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store
 
 from .faults import crash_point
-from .index import IndexClient
+from .index import LocalIndex
 
 TASK_BYTES = 128 * 1024 * 1024
 
@@ -123,7 +123,7 @@ def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np
 
 def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[str] | None = None,
               on_progress=None, node_id: str | None = None) -> dict:
-    from .cluster import cluster_cpus, pin_here
+    from .cluster import cluster_cpus
 
     src = Store.open(src_spec)
     dst = open_target(src, dst_spec)
@@ -152,14 +152,13 @@ def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[s
         metas[(vm, v)] = src.read_version(vm, v)
         manifests[(vm, v)] = [src.read_manifest(vm, v, d["manifest"])[1] for d in metas[(vm, v)]["disks"]]
     allh = np.unique(np.concatenate([h for hs in manifests.values() for h in hs] + [np.zeros(0, "S32")]))
-    here = pin_here(node_id)
-    dst_index = IndexClient.start(dst_spec, 1, here)
+    dst_index = LocalIndex(dst_spec)
     try:
         have_h = dst_index.lookup(allh) if len(allh) else np.zeros(0, bool)
     finally:
         dst_index.shutdown()
     need = allh[~have_h]
-    src_index = IndexClient.start(src_spec, 1, here)
+    src_index = LocalIndex(src_spec)
     try:
         found, packs, off, ln, _ = src_index.locate(need)
     finally:

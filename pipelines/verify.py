@@ -15,7 +15,7 @@ from storage.pack import pack_key
 from storage.index import h32
 from storage.store import Store
 
-from .index import IndexClient
+from .index import LocalIndex
 
 
 @ray.remote(max_retries=2)
@@ -42,8 +42,6 @@ def verify_pack(store_url: str, pack: str, offs: np.ndarray, lens: np.ndarray, h
 
 
 def run_verify(store_url: str, on_progress=None, node_id: str | None = None, index_actors: int = 1) -> dict:
-    from .cluster import pin_here
-
     store = Store.open(store_url)
     versions = store.list_versions()
     problems: list[str] = []
@@ -60,7 +58,7 @@ def run_verify(store_url: str, on_progress=None, node_id: str | None = None, ind
         except StoreError as e:
             problems.append(f"{vm}@{v}: {e.message}")
     allh = np.unique(np.concatenate([m[3] for m in manifests if m[3] is not None] + [np.zeros(0, "S32")]))
-    index = IndexClient.start(store_url, index_actors, pin_here(node_id))
+    index = LocalIndex(store_url)
     try:
         found, packs, off, ln, _ = index.locate(allh)
     finally:

@@ -24,6 +24,7 @@ from .backend import Backend
 from .errors import ObjectMissing, StoreError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+BODY_ATTEMPTS = 5  # botocore retries a request, not the reading of its streamed body: we do
 
 
 class S3Error(StoreError):
@@ -100,6 +101,25 @@ class S3Backend(Backend):
             return S3Error(f"cannot reach {where}: check --endpoint and the network (retried, still failing)")
         return S3Error(f"S3 {op} of {key} on {where} failed: {type(e).__name__}")
 
+    def _get_body(self, **kw) -> bytes:
+        """GET an object (or range) and read its body, again if the body is cut off in transit
+        (a dropped connection, a read timeout, a checksum that does not match)."""
+        import random
+        import time
+
+        from botocore.exceptions import (FlexibleChecksumError, IncompleteReadError, ReadTimeoutError,
+                                         ResponseStreamingError)
+
+        for attempt in range(BODY_ATTEMPTS):
+            r = self.client.get_object(**kw)
+            try:
+                return r["Body"].read()
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, FlexibleChecksumError):
+                r["Body"].close()
+                if attempt == BODY_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.random() * min(4.0, 0.25 * 2 ** attempt))
+
     def put(self, key: str, data) -> None:
         from boto3.s3.transfer import TransferConfig
 
@@ -118,8 +138,7 @@ class S3Backend(Backend):
 
     def get(self, key: str) -> bytes:
         try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key), ChecksumMode="ENABLED")
-            return r["Body"].read()
+            return self._get_body(Bucket=self.bucket, Key=self._k(key), ChecksumMode="ENABLED")
         except Exception as e:
             raise self._err(e, key, "get") from None
 
@@ -127,9 +146,8 @@ class S3Backend(Backend):
         if length <= 0:
             return b""
         try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
-                                       Range=f"bytes={offset}-{offset + length - 1}")
-            data = r["Body"].read()
+            data = self._get_body(Bucket=self.bucket, Key=self._k(key),
+                                  Range=f"bytes={offset}-{offset + length - 1}")
         except Exception as e:
             err = self._err(e, key, "ranged get")
             if "InvalidRange" in str(getattr(e, "response", "")):
