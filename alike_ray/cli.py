@@ -48,8 +48,13 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
+            import shutil
+
+            # a terminal that reports 0 columns (some ptys) would get an empty bar: fall back to 100
+            size = shutil.get_terminal_size((100, 20))
+            cols, rows = size.columns or 100, size.lines or 20
             self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
-                            file=sys.stderr, dynamic_ncols=True, leave=False)
+                            file=sys.stderr, ncols=cols, nrows=rows, leave=False, mininterval=0.2)
 
     def __bool__(self) -> bool:
         return self.bar is not None

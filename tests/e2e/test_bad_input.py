@@ -48,6 +48,9 @@ CASES = [
     ("--name with two sources", ["backup", "--store", "{store}", "image:{web}", "image:{web}", "--name", "x"], 2,
      "--name"),
     ("two sources, one vm", ["backup", "--store", "{store}", "image:{web}", "image:{web}"], 2, "distinct name"),
+    ("unreachable ray cluster", ["backup", "--store", "{store}", "image:{web}", "--address", "127.0.0.1:1"], 2,
+     "cannot reach the Ray cluster"),
+    ("ray address not host:port", ["verify", "--store", "{store}", "--address", "nonsense"], 2, "HOST:PORT"),
 ]
 
 
