@@ -120,16 +120,30 @@ def cmd_backup(args) -> int:
     node = local_node_id()
     jobs = []
     for spec in args.sources:
-        src = open_source(spec, name=args.name, shared=args.shared, node_id=node)
-        vm = check_vm_name(src.list_vms()[0].name)
-        jobs.append((src, vm))
+        opts = {"node_id": node}
+        if spec.startswith("image:"):
+            opts.update(name=args.name, shared=args.shared)
+        src = open_source(spec, **opts)
+        vms = src.list_vms()
+        if len(vms) == 1 and not args.vm:
+            jobs.append((src, check_vm_name(vms[0].name)))
+            continue
+        if not args.vm:
+            raise StoreError(f"{spec} has {len(vms)} VMs: name the ones to back up with --vm "
+                             f"(see `alike inventory {spec}`)")
+        names = {v.name for v in vms}
+        for want in args.vm:
+            if want not in names:
+                raise StoreError(f"no VM named {want!r} in {spec}: see `alike inventory {spec}`")
+            jobs.append((src, check_vm_name(want)))
     names = [vm for _, vm in jobs]
     if len(set(names)) != len(names):
         raise StoreError(f"two sources would be the VM {max(names, key=names.count)!r}: give each a distinct name")
     bar = Progress("backup")
     t0 = time.monotonic()
     try:
-        results = run_backup(url, jobs, parallel=args.parallel, full=args.full, on_progress=bar, node_id=node)
+        results = run_backup(url, jobs, parallel=args.parallel, full=args.full, on_progress=bar, node_id=node,
+                             cbt=not args.no_cbt)
     finally:
         bar.close()
     failed = [r for r in results if "error" in r]
@@ -146,7 +160,7 @@ def cmd_backup(args) -> int:
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "read_nodes", "seconds", "vaulted")
+            "cache_hits", "index_lookups", "packs", "cbt", "read_nodes", "seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:
@@ -195,6 +209,146 @@ def cmd_vault(args) -> int:
         print(f"alike: error: {len(rep['versions_skipped'])} version(s) not vaulted, their blocks are damaged "
               f"in the source: {', '.join(rep['versions_skipped'])} (run `alike verify`)", file=sys.stderr)
         return 3
+    return 0
+
+
+def cmd_inventory(args) -> int:
+    from .sources import open_source
+
+    src = open_source(args.source)
+    vms = src.list_vms()
+    rows = [{"name": v.name, "id": v.id, "state": v.power_state, "tags": v.tags,
+             "disks": [{"name": n, "size": sz} for n, sz in v.disks]} for v in vms]
+    if args.json:
+        out(json.dumps({"source": args.source, "vms": rows}))
+        return 0
+    out(f"{'VM':<24} {'STATE':<10} {'DISKS':>5}  TAGS")
+    for r in rows:
+        out(f"{r['name']:<24} {r['state']:<10} {len(r['disks']):>5}  {', '.join(r['tags'])}")
+    return 0
+
+
+def _job_store(args, job):
+    from storage.backend import store_spec
+    from storage.errors import InvalidValue
+
+    url = args.store or job.store or os.environ.get("ALIKE_STORE")
+    if not url:
+        raise InvalidValue(f"{job.path}: no store: put store = \"...\" in the job, pass --store or set ALIKE_STORE")
+    return store_spec(url, args.endpoint or job.endpoint, args.profile or job.profile)
+
+
+def cmd_job_preview(args) -> int:
+    from . import jobs
+
+    job = jobs.load(args.file)
+    taken, missing = jobs.select(job)
+    rows = [{"vm": vm.name, "source": vm.id, "state": vm.power_state, "tags": vm.tags, "disks": len(vm.disks)}
+            for _, vm in taken]
+    if args.json:
+        out(json.dumps({"job": job.name, "vms": rows, "missing": missing}))
+    else:
+        out(f"job {job.name}: {len(rows)} VM(s) would be backed up now")
+        for r in rows:
+            out(f"  {r['vm']:<24} {r['state']:<10} {r['disks']} disk(s)  {', '.join(r['tags'])}")
+        for m, why in missing.items():
+            out(f"  {m:<24} UNAVAILABLE: {why}")
+    if not rows and not missing:
+        raise jobs.JobError(f"{job.path}: the selection matches no VM of its sources")
+    return 0
+
+
+def cmd_job_run(args) -> int:
+    from pipelines.backup import run_backup
+    from pipelines.cluster import local_node_id
+    from storage.store import Store
+
+    from . import jobs
+
+    job = jobs.load(args.file)
+    spec = _job_store(args, job)
+    store = Store.open(spec)
+    _connect(args)
+    node = local_node_id()
+    taken, missing = jobs.select(job, node)
+    if not taken and not missing:
+        raise jobs.JobError(f"{job.path}: the selection matches no VM of its sources")
+    run_id = jobs.new_run_id()
+    t0 = time.time()
+    record = {"job": job.name, "run_id": run_id, "file": os.path.abspath(job.path),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "status": "running", "vms": []}
+    jobs.record_run(store, job.name, run_id, record)
+    last = {}
+
+    def on_vm(vm, phase, done, total):
+        if last.get(vm) != phase:
+            last[vm] = phase
+            print(f"{vm}: {phase}", file=sys.stderr, flush=True)
+
+    results = run_backup(spec, [(src, vm.name) for src, vm in taken], parallel=job.parallel, full=job.full,
+                         node_id=node, on_vm=on_vm, cbt=job.cbt)
+    results += [{"vm": m, "error": why} for m, why in missing.items()]
+    if job.vault_to:
+        from pipelines.vault import run_vault
+        from storage.backend import store_spec
+
+        done = [r for r in results if "error" not in r]
+        if done:
+            dst = store_spec(job.vault_to, job.vault_endpoint or job.endpoint, job.vault_profile or job.profile)
+            try:
+                rep = run_vault(spec, dst, vms=[r["vm"] for r in done], versions=[r["version"] for r in done],
+                                node_id=node)
+                for r in done:
+                    r["vaulted"] = f"{r['vm']}@{r['version']}" not in rep["versions_skipped"]
+            except StoreError as e:
+                for r in done:
+                    r["vaulted"] = False
+                    r["vault_error"] = e.message
+    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "seconds",
+            "vaulted", "vault_error", "error")
+    record.update(status="ok" if all("error" not in r for r in results) else "failed",
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  seconds=round(time.time() - t0, 3),
+                  vms=[{k: r[k] for k in keys if k in r} for r in results])
+    jobs.record_run(store, job.name, run_id, record)
+    for r in results:
+        if "error" in r:
+            print(f"alike: error: {r['vm']}: {r['error']}", file=sys.stderr)
+    if args.json:
+        out(json.dumps(record))
+    else:
+        ok = sum("error" not in r for r in results)
+        out(f"job {job.name} run {run_id}: {ok} of {len(results)} VM(s) backed up in {record['seconds']:.1f}s")
+        for r in record["vms"]:
+            out(f"  {r['vm']:<20} " + (f"FAILED: {r['error']}" if "error" in r else
+                f"{r['version']}  read {_h(r['read_bytes'])}, {r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored"))
+    return 0 if record["status"] == "ok" else 1
+
+
+def cmd_job_history(args) -> int:
+    from storage.store import Store
+
+    from . import jobs
+    from .config import store_url
+
+    store = Store.open(store_url(args))
+    runs = jobs.history(store, args.job)
+    if args.json:
+        out(json.dumps({"store": store.url, "runs": runs}))
+        return 0
+    if not runs:
+        out("no job runs recorded" + (f" for {args.job}" if args.job else ""))
+        return 0
+    out(f"{'JOB':<16} {'RUN':<20} {'STATUS':<8} {'VMS':>4} {'FAILED':>6} {'READ':>10} {'NEW':>6} {'STORED':>10} {'SECONDS':>8}")
+    for r in runs:
+        vms = r.get("vms", [])
+        out(f"{r['job']:<16} {r['run_id']:<20} {r.get('status', '?'):<8} {len(vms):>4} "
+            f"{sum('error' in v for v in vms):>6} {_h(sum(v.get('read_bytes', 0) for v in vms)):>10} "
+            f"{sum(v.get('new_blocks', 0) for v in vms):>6} {_h(sum(v.get('stored_bytes', 0) for v in vms)):>10} "
+            f"{r.get('seconds', 0):>8.1f}")
+        for v in vms:
+            if "error" in v:
+                out(f"    {v['vm']}: {v['error']}")
     return 0
 
 
@@ -334,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
              "files, block devices).")
     sp.add_argument("sources", nargs="+", metavar="SOURCE", help="e.g. image:/var/lib/images/web.qcow2")
     sp.add_argument("--name", help="VM name (default: the image file's name without extension)")
+    sp.add_argument("--vm", action="append", help="a VM of a multi-VM source such as kvm:URI (repeatable)")
+    sp.add_argument("--no-cbt", action="store_true", help="ignore changed block tracking: read every allocated block")
     sp.add_argument("--parallel", type=int, default=2, help="VMs backed up at once (default 2)")
     sp.add_argument("--full", action="store_true",
                     help="always full/baseline: ignore the previous version as munge cache")
@@ -377,6 +533,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="Ray cluster to join")
 
     add("stats", cmd_stats, "logical and stored bytes, dedup ratio, blocks")
+
+    sp = sub.add_parser("inventory", help="list the VMs of a source", epilog=EPILOG,
+                        description="List the VMs of a source (image:PATH, kvm:URI): names, state, disks, tags.")
+    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sp.set_defaults(fn=cmd_inventory)
+
+    jp = sub.add_parser("job", help="backup jobs: preview, run, history", epilog=EPILOG,
+                        description="Backup jobs are TOML files (see alike_ray/jobs.py for every key).")
+    jsub = jp.add_subparsers(dest="job_command", metavar="JOBCOMMAND")
+
+    def jadd(name, fn, help_):
+        sp = jsub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = jadd("preview", cmd_job_preview, "show the VMs a run of the job would take now")
+    sp.add_argument("file", metavar="FILE")
+    sp = jadd("run", cmd_job_run, "run a job: back up its VMs, record the run on the store")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--store", help="store (default: the job's store, else $ALIKE_STORE)")
+    sp.add_argument("--endpoint", help="S3 endpoint of the store")
+    sp.add_argument("--profile", help="AWS profile of the store")
+    sp.add_argument("--address", help="Ray cluster to join")
+    sp = jadd("history", cmd_job_history, "past runs of jobs on a store, newest first")
+    sp.add_argument("--store", help="store (default: $ALIKE_STORE)")
+    sp.add_argument("--endpoint", help="S3 endpoint of the store")
+    sp.add_argument("--profile", help="AWS profile of the store")
+    sp.add_argument("--job", help="only this job")
+    jp.set_defaults(fn=lambda a: (jp.print_help(), 2)[1])
     return p
 
 

@@ -124,14 +124,24 @@ class SnapshotActor:
         self.in_flight = in_flight
         self.done = 0
         self.total = 0
-        self.phase = "starting"
+        self.phases = []
         self.writer = None
         self.writes = []
 
-    def progress(self) -> tuple[int, int, str]:
-        return self.done, self.total, self.phase
+    @property
+    def phase(self) -> str:
+        return self.phases[-1] if self.phases else "starting"
 
-    def run(self, source, vm: str, version: str, full: bool = False) -> dict:
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self.phases.append(name)
+
+    def progress(self) -> tuple[int, int, list[str]]:
+        """-> (bytes done, bytes to do, every phase entered so far)."""
+        return self.done, self.total, list(self.phases)
+
+    def run(self, source, vm: str, version: str, full: bool = False, cbt: bool = True) -> dict:
+        self.cbt = cbt
         self.owner = f"{vm}@{version}"
         self.pending = []
         self.read_nodes = set()
@@ -177,7 +187,7 @@ class SnapshotActor:
         self.own = []   # (hashes, pack, offsets, lengths) written by this VM
         disks_meta = []
         manifests = []
-        self.phase = "munge"
+        self.phase = "data acquisition"
         prev_list = prev[1]["disks"] if prev else []
         for dno, disk in enumerate(snap.disks):
             nblocks = (disk.size + bs - 1) // bs
@@ -194,7 +204,10 @@ class SnapshotActor:
                 prev_hash[pb[keep].astype(np.int64)] = ph[keep]
             blocks_out = [np.zeros(0, np.uint64)]
             hashes_out = [EMPTY]
-            changed = disk.changed_extents(pd.get("cbt")) if pd is not None and pd.get("cbt") else None
+            changed = None
+            if self.cbt and pd is not None and pd.get("cbt"):
+                changed = disk.changed_extents(pd.get("cbt"))  # None: chain broken, read everything
+            stats["cbt"] = stats.get("cbt", True) and changed is not None
             if changed is not None:
                 cmask = np.zeros(nblocks, bool)
                 for off, ln in changed:
@@ -226,7 +239,7 @@ class SnapshotActor:
             manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out)))
             disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
         self._flush(stats, wait=True)
-        self.phase = "commit"
+        self.phase = "metadata commit"
         borrowed = self._settle(snap, manifests, stats)
         # commit order: packs (done) -> index segments -> manifests -> version.json
         crash_point("before-segments")
@@ -256,7 +269,7 @@ class SnapshotActor:
             "seconds": round(seconds, 3),
         }
         store.commit_version(vm, version, meta)
-        self.phase = "done"
+        self.phase = "cleanup"
         return meta
 
     def _absorb(self, r: dict, blocks_out, hashes_out, stats) -> None:
@@ -344,9 +357,19 @@ class SnapshotActor:
         self._flush(stats, wait=True)
 
 
+def _report_phases(on_vm, vm: str, prog, reported: dict) -> None:
+    done, total, phases = prog
+    for ph in phases[reported.get(vm, 0):]:
+        on_vm(vm, ph, done, total)
+    reported[vm] = len(phases)
+
+
 def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool = False,
-               index_actors: int | None = None, on_progress=None, node_id: str | None = None) -> list[dict]:
-    """Back up each (source, vm name) of `jobs`, `parallel` VMs at once.
+               index_actors: int | None = None, on_progress=None, node_id: str | None = None,
+               on_vm=None, cbt: bool = True) -> list[dict]:
+    """Back up each (source, vm name) of `jobs`, `parallel` VMs at once. `on_progress(done, total)`
+    gets the bytes of all running VMs; `on_vm(vm, phase, done, total)` each VM's phase
+    (snapshot, data acquisition, metadata commit, cleanup).
     -> one dict per job: the version's metadata, or {"vm":..., "error": message}."""
     from .cluster import cluster_cpus, pin_here
 
@@ -357,6 +380,7 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     index = IndexClient.start(store_url, index_actors or max(1, min(4, cpus // 2)), here, wait=False)
     results: dict[int, dict] = {}
     running: dict = {}
+    reported: dict[str, int] = {}
     queue = list(enumerate(jobs))
     try:
         while queue or running:
@@ -364,7 +388,7 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
                 n, (source, vm) = queue.pop(0)
                 version = new_version_id()
                 actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus)
-                running[actor.run.remote(source, vm, version, full)] = (n, vm, version, actor)
+                running[actor.run.remote(source, vm, version, full, cbt)] = (n, vm, version, actor)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:
                 n, vm, version, actor = running.pop(ref)
@@ -377,11 +401,21 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
                     cause = e.cause if getattr(e, "cause", None) is not None else e
                     msg = getattr(cause, "message", None) or str(cause).split("\n")[0]
                     results[n] = {"vm": vm, "error": msg, "exit_code": getattr(cause, "exit_code", 1)}
+                if on_vm:
+                    try:
+                        _report_phases(on_vm, vm, ray.get(actor.progress.remote(), timeout=5), reported)
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                        pass
+                    on_vm(vm, "failed" if "error" in results[n] else "done", 0, 0)
                 ray.kill(actor)
-            if on_progress and running:
+            if (on_progress or on_vm) and running:
                 try:
                     prog = ray.get([r[3].progress.remote() for r in running.values()], timeout=5)
-                    on_progress(sum(p[0] for p in prog), sum(p[1] for p in prog))
+                    if on_progress:
+                        on_progress(sum(p[0] for p in prog), sum(p[1] for p in prog))
+                    if on_vm:
+                        for r, p in zip(running.values(), prog):
+                            _report_phases(on_vm, r[1], p, reported)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     pass  # a dying actor: its run's result tells what happened
     finally:
