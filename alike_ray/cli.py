@@ -393,21 +393,49 @@ def cmd_restore(args) -> int:
             else bool(st.list_versions(vm))
         if args.prefer == "offsite" or not have_here:
             url, st = off, Store.open(off)
+    from .restore.formats import EXTENSIONS, convert, fmt_for
+
     version = resolve_version(st, vm, version or None)
     meta = st.read_version(vm, version)
-    if len(meta["disks"]) == 1:
+    ndisks = len(meta["disks"])
+    if args.disk in (None, "all"):
+        disks = list(range(ndisks))
+    else:
+        if not args.disk.isdigit() or int(args.disk) >= ndisks:
+            raise StoreError(f"{vm}@{version} has no disk {args.disk!r}: use a number from 0 to {ndisks - 1}, or all")
+        disks = [int(args.disk)]
+    fmt = fmt_for(args.to, args.format)
+    if len(disks) == 1:
         targets = [args.to]
     else:
+        if os.path.exists(args.to) and not os.path.isdir(args.to):
+            raise StoreError(f"{vm}@{version} has {ndisks} disks: --to must be a folder (or pass --disk N)")
         os.makedirs(args.to, exist_ok=True)
-        targets = [os.path.join(args.to, d["name"] if d["name"].endswith(".raw") else d["name"] + ".raw")
-                   for d in meta["disks"]]
+        stems = [os.path.splitext(meta["disks"][n]["name"])[0] for n in disks]
+        if len(set(stems)) != len(stems):  # two disks of one name: number them
+            stems = [f"{n}-{s}" for n, s in zip(disks, stems)]
+        targets = [os.path.join(args.to, s + EXTENSIONS[fmt]) for s in stems]
+    for t in targets:
+        if os.path.exists(t) and not args.force:
+            raise StoreError(f"{t} exists: choose another target or pass --force to overwrite it")
+    raws = targets if fmt == "raw" else [f"{t}.alike-raw" for t in targets]
     _connect(args)
     bar = Progress("restore")
     t0 = time.monotonic()
     try:
-        res = run_restore(url, vm, version, targets, force=args.force, on_progress=bar, node_id=local_node_id())
+        res = run_restore(url, vm, version, raws, force=True if fmt != "raw" else args.force, on_progress=bar,
+                          node_id=local_node_id(), disks=disks)
+        if fmt != "raw":
+            res["checks"] = []
+            for raw, t in zip(raws, targets):
+                res["checks"].append(convert(raw, t, fmt))
     finally:
         bar.close()
+        if fmt != "raw":
+            for raw in raws:
+                if os.path.exists(raw):
+                    os.unlink(raw)
+    res.update(targets=targets, format=fmt, disks=disks)
     res["seconds"] = round(time.monotonic() - t0, 3)
     _emit(args, res, f"restored {vm}@{version} to {', '.join(targets)} ({_h(res['logical_bytes'])}, "
                      f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
@@ -517,9 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("restore", cmd_restore, "restore a version's disks to raw files",
              "Restore VM (latest version) or VM@VERSION (a version id or a unique prefix of one). "
-             "A one-disk VM is written to the file --to; a VM with several disks to files in the folder --to.")
+             "A one-disk VM (or --disk N) is written to the file --to; several disks to files named after "
+             "the disks in the folder --to. Formats other than raw go through qemu-img and are checked "
+             "with qemu-img check and compare.")
     sp.add_argument("vm", metavar="VM[@VERSION]")
     sp.add_argument("--to", required=True, help="target file (or folder for several disks)")
+    sp.add_argument("--disk", default="all", help="disk number to restore, or all (default)")
+    sp.add_argument("--format", choices=["raw", "qcow2", "vhd", "vhdx"],
+                    help="disk format (default: from --to's extension, else raw sparse); "
+                         "converted and checked with qemu-img")
     sp.add_argument("--force", action="store_true", help="overwrite an existing target")
     sp.add_argument("--offsite", metavar="STORE", help="the offsite store (ODS) holding copies of --store's versions")
     sp.add_argument("--offsite-endpoint", help="S3 endpoint of --offsite (default: --endpoint)")

@@ -92,12 +92,15 @@ def resolve_version(store: Store, vm: str, version: str | None) -> str:
     return matches[0]
 
 
-def plan(store: Store, index: IndexClient, vm: str, version: str):
+def plan(store: Store, index: IndexClient, vm: str, version: str, disks: list[int] | None = None):
+    """Rows to restore, sorted by pack and offset; `disk` is the position in `disks`."""
     meta = store.read_version(vm, version)
+    disks = list(range(len(meta["disks"]))) if disks is None else disks
     parts = []
-    for n, d in enumerate(meta["disks"]):
+    for pos, n in enumerate(disks):
+        d = meta["disks"][n]
         b, h = store.read_manifest(vm, version, d["manifest"])
-        parts.append((np.full(len(b), n, np.int32), b, h))
+        parts.append((np.full(len(b), pos, np.int32), b, h))
     disks = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     blocks = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)
     hashes = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, "S32")
@@ -114,14 +117,20 @@ def plan(store: Store, index: IndexClient, vm: str, version: str):
 
 
 def run_restore(store_url: str, vm: str, version: str | None, targets: list[str], force: bool = False,
-                on_progress=None, node_id: str | None = None, index_actors: int = 1) -> dict:
+                on_progress=None, node_id: str | None = None, index_actors: int = 1,
+                disks: list[int] | None = None) -> dict:
+    """Restore the disks `disks` (default all) of a version to the raw sparse files `targets`."""
     from .cluster import pin_here
 
     store = Store.open(store_url)
     version = resolve_version(store, vm, version)
     meta = store.read_version(vm, version)
-    if len(targets) != len(meta["disks"]):
-        raise RestoreError(f"{vm}@{version} has {len(meta['disks'])} disks: give as many targets")
+    disks = list(range(len(meta["disks"]))) if disks is None else disks
+    for n in disks:
+        if not 0 <= n < len(meta["disks"]):
+            raise RestoreError(f"{vm}@{version} has no disk {n}: it has disks 0 to {len(meta['disks']) - 1}")
+    if len(targets) != len(disks):
+        raise RestoreError(f"{len(disks)} disk(s) to restore: give as many targets")
     for t in targets:
         if os.path.exists(t) and not force:
             raise RestoreError(f"{t} exists: choose another target or pass --force to overwrite it")
@@ -133,12 +142,13 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
     tmps = [os.path.join(os.path.dirname(os.path.abspath(t)), f".{os.path.basename(t)}.alike-{uuid.uuid4().hex[:8]}")
             for t in targets]
     try:
-        meta, rows = plan(store, index, vm, version)
+        meta, rows = plan(store, index, vm, version, disks)
         index.shutdown()
-        for tmp, d in zip(tmps, meta["disks"]):
+        chosen = [meta["disks"][n] for n in disks]
+        for tmp, d in zip(tmps, chosen):
             with open(tmp, "wb") as f:
                 f.truncate(int(d["size"]))
-        total = int(sum(d["size"] for d in meta["disks"]))
+        total = int(sum(d["size"] for d in chosen))
         # batches of about TASK_BYTES of stored data, never splitting a pack's run of rows
         cum = np.cumsum(rows["len"].astype(np.int64))
         refs, start, n = [], 0, len(cum)
