@@ -352,6 +352,17 @@ def cmd_job_history(args) -> int:
     return 0
 
 
+def cmd_mount(args) -> int:
+    from .config import store_url
+    from .restore.mount import mount
+
+    spec = store_url(args)
+    print(f"mounting {args.store or os.environ.get('ALIKE_STORE')} read-only at {args.mountpoint}; "
+          f"`umount {args.mountpoint}` or Ctrl-C to end", file=sys.stderr, flush=True)
+    mount(spec, args.mountpoint, foreground=True, allow_other=args.allow_other)
+    return 0
+
+
 def cmd_versions(args) -> int:
     from storage.store import Store
 
@@ -567,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="Ray cluster to join")
 
     add("stats", cmd_stats, "logical and stored bytes, dedup ratio, blocks")
+
+    sp = add("mount", cmd_mount, "mount a store read-only: every VM/version/disk as a raw file (FUSE)",
+             "Mount a store (ADS or ODS) read-only at MOUNTPOINT: MOUNTPOINT/VM/VERSION/DISK.raw are the disks "
+             "of every version at full size, read on demand. Runs until `umount MOUNTPOINT` or Ctrl-C.")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--allow-other", action="store_true", help="let other users read the mount")
 
     sp = sub.add_parser("inventory", help="list the VMs of a source", epilog=EPILOG,
                         description="List the VMs of a source (image:PATH, kvm:URI): names, state, disks, tags.")

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need=""
-for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup; do
+for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup fusermount3:fuse3 script:util-linux; do
   command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd##*:}"
 done
 if [ -n "$need" ]; then

@@ -6,6 +6,8 @@ different keys never match by accident, and so that it doubles as the block's st
 """
 from __future__ import annotations
 
+import threading
+
 import blake3
 import numpy as np
 import zstandard
@@ -42,8 +44,7 @@ class Codec:
             raise ValueError("hash key must be 32 bytes")
         self.hash_key = hash_key
         self.level = level
-        self._cctx = None
-        self._dctx = None
+        self._local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
     def __getstate__(self):
         return {"hash_key": self.hash_key, "level": self.level}
@@ -55,9 +56,10 @@ class Codec:
         return blake3.blake3(buf, key=self.hash_key).digest()
 
     def encode(self, buf) -> bytes:
-        if self._cctx is None:
-            self._cctx = zstandard.ZstdCompressor(level=self.level)
-        c = self._cctx.compress(buf)
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        c = cctx.compress(buf)
         if len(c) >= len(buf):
             return bytes([RAW]) + bytes(buf)
         return bytes([ZSTD]) + c
@@ -70,9 +72,10 @@ class Codec:
             if kind == RAW:
                 data = bytes(stored[1:])
             elif kind == ZSTD:
-                if self._dctx is None:
-                    self._dctx = zstandard.ZstdDecompressor()
-                data = self._dctx.decompress(stored[1:], max_output_size=MAX_BLOCK)
+                dctx = getattr(self._local, "dctx", None)
+                if dctx is None:
+                    dctx = self._local.dctx = zstandard.ZstdDecompressor()
+                data = dctx.decompress(stored[1:], max_output_size=MAX_BLOCK)
             else:
                 raise DamagedData(f"unknown block codec {kind} {where}")
         except zstandard.ZstdError as e:

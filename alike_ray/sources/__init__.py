@@ -1,6 +1,7 @@
 """Sources: where disks come from. One module per platform behind one protocol (base.py).
 
-`open_source(spec)` parses a source spec such as `image:/path/web.raw`.
+`open_source(spec)` parses a source spec such as `image:/path/web.raw` or
+`kvm:qemu:///system` (the VMs of a libvirt connection).
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ def open_source(spec: str, **options) -> Source:
         from .image import ImageSource
 
         return ImageSource(rest, **options)
-    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH")
+    if kind == "kvm":
+        from .kvm import KvmSource
+
+        return KvmSource(rest, **options)
+    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH or kvm:LIBVIRT-URI")
 
 
 __all__ = ["Disk", "Snapshot", "Source", "SourceError", "VMInfo", "open_source"]

@@ -1,0 +1,447 @@
+"""`kvm:` source: the VMs of a libvirt connection (`kvm:qemu:///system`, any libvirt URI).
+
+Inventory: every domain of the connection, named by its libvirt name (its UUID is the id),
+with its state, its disks (device='disk', named by target: vda, sdb...) and their sizes,
+and tags taken from the domain's metadata: a `<tags>` element of any namespace under
+`<metadata>` and `tags: a, b` lines or `#tag` words in `<description>`.
+
+Snapshot: libvirt's backup API in pull mode (virDomainBackupBegin). One call freezes every
+disk at one point in time, creates a checkpoint (a persistent QEMU dirty bitmap in each
+qcow2 disk) and serves the frozen disks over NBD while the VM runs on; QEMU keeps the
+frozen view with copy-before-write into a scratch file. We chose it over external snapshots
+because it leaves the VM's disk chain untouched (no overlay to block-commit afterwards, which
+can fail and leave a VM on an overlay), and because the dirty bitmaps live in the disks and
+are exposed by the same export (`qemu:dirty-bitmap:backup-<disk>`), next to the allocation
+map (`base:allocation`) that gives whitespace awareness. The VM must be running (QEMU does
+the work): a shut-off VM is refused with a clear message.
+
+Changed block tracking: the CBT marker of a disk is the name of the checkpoint made with the
+backup (`alike-<time>-<random>`). A backup is incremental from the newest `alike-` checkpoint
+that holds a bitmap for the disk at the disk's current size; `changed_extents(since)` gives
+that checkpoint's dirty extents when `since` names it, else None (the disk is read in full:
+previous backup failed or was killed, checkpoint deleted, bitmap lost, disk resized or added)
+and the new checkpoint re-arms CBT. A disk without persistent bitmaps (raw) is always read
+in full. If libvirt refuses the incremental backup (a broken bitmap), the backup starts
+again as a full one, after dropping our checkpoints.
+
+Release (also when the backup failed): the backup job is ended (its export closes and
+libvirt deletes the scratch files), and checkpoints no longer needed are deleted: after a
+success all older `alike-` checkpoints, after a failure the new one (the previous one stays
+the base of the next CBT backup). A backup killed before release leaves its job running:
+the next snapshot of that VM ends it (exports named `alike-*` are ours) and reads in full.
+Checkpoints not named `alike-` are never touched.
+
+Reads: `KvmDisk` is picklable and reads over NBD (TCP) from any Ray worker that reaches
+the NBD address: `nbd_host` (default 127.0.0.1 for a local URI, the URI's host for a remote
+one). On a loopback address reads are pinned to `node_id`, the node of the libvirt host.
+
+Bindings: libvirt-python from PyPI, built against the distribution's libvirt-dev (through
+pkg-config), so that it imports in the interpreter that runs the CLI and Ray workers;
+Debian's python3-libvirt is built for Debian's own python3 only. NBD: our own small client
+(nbd.py), as libnbd's Python bindings exist only as Debian's python3-libnbd.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+import xml.etree.ElementTree as ET
+from urllib.parse import urlparse
+
+import numpy as np
+
+from . import nbd
+from .base import Disk, Snapshot, Source, SourceError, VMInfo
+
+log = logging.getLogger("alike.kvm")
+
+PREFIX = "alike-"
+_STATES = {0: "unknown", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down", 5: "shut off",
+           6: "crashed", 7: "suspended"}
+
+
+def _libvirt():
+    try:
+        import libvirt
+    except ImportError:
+        raise SourceError("the kvm: source needs the libvirt Python binding: pip install libvirt-python "
+                          "(it builds against libvirt-dev and pkg-config)") from None
+    libvirt.registerErrorHandler(lambda *a: None, None)  # errors come as exceptions, not on stderr
+    return libvirt
+
+
+def _parse_tags(root: ET.Element) -> list[str]:
+    tags: set[str] = set()
+    md = root.find("metadata")
+    if md is not None:
+        for el in md.iter():
+            if el.tag.rsplit("}", 1)[-1] == "tags" and el.text:
+                tags.update(t for t in re.split(r"[,\s]+", el.text) if t)
+    desc = root.findtext("description") or ""
+    for line in desc.splitlines():
+        m = re.match(r"\s*tags\s*[:=]\s*(.*)", line, re.I)
+        if m:
+            tags.update(t for t in re.split(r"[,\s]+", m.group(1)) if t)
+    tags.update(re.findall(r"(?:^|\s)#([\w.-]+)", desc))
+    return sorted(tags)
+
+
+def _disks(root: ET.Element) -> list[dict]:
+    out = []
+    for d in root.findall("./devices/disk"):
+        if d.get("device", "disk") != "disk":
+            continue  # cdrom, floppy, lun: not the VM's data
+        tgt = d.find("target")
+        if tgt is None or not tgt.get("dev"):
+            continue
+        drv = d.find("driver")
+        out.append({"name": tgt.get("dev"), "type": d.get("type", "file"),
+                    "format": drv.get("type", "raw") if drv is not None else "raw",
+                    "readonly": d.find("readonly") is not None})
+    return out
+
+
+def _free_port(host: str) -> int:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    except OSError:  # not an address of this machine (a remote libvirt host): take a high port
+        return 49152 + secrets.randbelow(16000)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+_CONNS: dict = {}  # (host, port, export) -> NBDClient, per worker process: reused across read tasks
+
+
+def _client(host: str, port: int, export: str) -> nbd.NBDClient:
+    key = (host, port, export)
+    c = _CONNS.get(key)
+    if c is None:
+        while len(_CONNS) >= 4:  # older backups' connections: their exports are gone
+            _CONNS.pop(next(iter(_CONNS))).close()
+        try:
+            c = nbd.NBDClient(host, port, export)
+        except (OSError, nbd.NBDError) as e:
+            raise SourceError(f"cannot read disk export {export!r} at {host}:{port} over NBD: {e} "
+                              "(has the backup job ended, or is the port firewalled?)") from None
+        _CONNS[key] = c
+    return c
+
+
+class KvmDisk(Disk):
+    """One disk of a running backup job, read over NBD. Extents are computed when the snapshot
+    is made (by the snapshot actor), so read tasks only read."""
+
+    def __init__(self, name, size, host, port, export, allocated, changed, since, marker, node_id):
+        self.name = name
+        self.size = size
+        self.host, self.port, self.export = host, port, export
+        a = np.array(allocated, dtype=np.int64).reshape(-1, 2)
+        self._off, self._len = a[:, 0].copy(), a[:, 1].copy()
+        self._changed = changed
+        self._since = since  # checkpoint the dirty extents are counted from (None: full backup)
+        self.cbt_marker = marker
+        self.node_id = node_id
+
+    def allocated_extents(self):
+        return list(zip(self._off.tolist(), self._len.tolist()))
+
+    def changed_extents(self, since):
+        if since and self._since and since == self._since:
+            return list(self._changed)
+        why = ("it was read in full by the last backup" if not self._since
+               else f"the last backup's checkpoint {since} is not the newest one here ({self._since})")
+        log.warning("disk %s: no changed block tracking from %s: %s; reading it in full (CBT re-armed)",
+                    self.name, since, why)
+        return None
+
+    def read_into(self, buf: np.ndarray, offset: int) -> int:
+        """Fill `buf` with the disk's bytes from `offset`, reading only allocated extents.
+        -> bytes that came over the wire as data."""
+        end = offset + len(buf)
+        i = max(0, int(np.searchsorted(self._off, offset, side="right")) - 1)
+        done = 0
+        pos = offset
+        for attempt in (0, 1):
+            try:
+                while i < len(self._off) and self._off[i] < end:
+                    s = max(int(self._off[i]), pos)
+                    e = min(int(self._off[i] + self._len[i]), end)
+                    if s < e:
+                        if s > pos:
+                            buf[pos - offset:s - offset] = 0
+                        done += _client(self.host, self.port, self.export).read_into(
+                            buf[s - offset:e - offset], s)
+                        pos = e
+                    i += 1
+                break
+            except (OSError, nbd.NBDError) as e:  # a connection cached from before: reconnect once
+                c = _CONNS.pop((self.host, self.port, self.export), None)
+                if c is not None:
+                    c.sock.close()
+                if attempt:
+                    raise SourceError(f"reading disk {self.name} over NBD at {self.host}:{self.port} "
+                                      f"failed: {e}") from None
+        if pos < end:
+            buf[pos - offset:] = 0
+        return done
+
+    def read(self, offset: int, length: int) -> np.ndarray:
+        buf = np.zeros(length, dtype=np.uint8)
+        self.read_into(buf, offset)
+        return buf
+
+
+class KvmSnapshot(Snapshot):
+    def __init__(self, source: "KvmSource", dom, vm: VMInfo, disks, checkpoint: str | None):
+        self.source = source
+        self._dom = dom
+        self.vm = vm
+        self.disks = disks
+        self.checkpoint = checkpoint
+
+    def release(self, failed: bool | None = None) -> None:
+        """End the backup job and delete the checkpoints no longer needed. `failed`: whether
+        the backup failed (default: whether an exception is on its way, as when called from a
+        `finally`), which decides which checkpoint stays."""
+        if self._dom is None:
+            return
+        if failed is None:
+            failed = sys.exc_info()[0] is not None
+        dom, self._dom = self._dom, None
+        try:
+            self.source._end_job(dom)
+        finally:
+            if self.checkpoint:
+                if failed:
+                    self.source._delete_checkpoints(dom, [self.checkpoint])
+                else:
+                    old = [n for n, _ in self.source._checkpoints(dom) if n != self.checkpoint]
+                    self.source._delete_checkpoints(dom, old)
+
+    def __exit__(self, exc_type, *exc):
+        self.release(failed=exc_type is not None)
+
+
+class KvmSource(Source):
+    """`kvm:URI`: the VMs of libvirt connection URI. Picklable (the connection is reopened
+    where it is used)."""
+
+    def __init__(self, uri: str = "qemu:///system", node_id: str | None = None, nbd_host: str | None = None,
+                 scratch_dir: str = "/var/tmp", **_ignored):
+        self.uri = uri or "qemu:///system"
+        host = urlparse(self.uri).hostname
+        self.nbd_host = nbd_host or (host if host and not _is_loopback(host) else "127.0.0.1")
+        self.node_id = node_id if _is_loopback(self.nbd_host) else None
+        self.scratch_dir = scratch_dir
+        self._conn = None
+
+    def __getstate__(self):
+        s = dict(self.__dict__)
+        s["_conn"] = None
+        return s
+
+    # -- libvirt -------------------------------------------------------------------------
+    def _connect(self):
+        if self._conn is None:
+            libvirt = _libvirt()
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise SourceError(f"cannot connect to libvirt at {self.uri}: {e.get_error_message()} "
+                                  "(is libvirtd running, and may this user use it?)") from None
+        return self._conn
+
+    def _domain(self, vm: str):
+        libvirt = _libvirt()
+        conn = self._connect()
+        try:
+            return conn.lookupByName(vm)
+        except libvirt.libvirtError:
+            try:
+                return conn.lookupByUUIDString(vm)
+            except libvirt.libvirtError:
+                raise SourceError(f"no VM named {vm!r} at {self.uri}: see `alike inventory kvm:{self.uri}`") from None
+
+    def _info(self, dom) -> VMInfo:
+        libvirt = _libvirt()
+        root = ET.fromstring(dom.XMLDesc(0))
+        disks = []
+        for d in _disks(root):
+            try:
+                size = dom.blockInfo(d["name"])[0]
+            except libvirt.libvirtError:
+                size = 0  # e.g. a network disk of a shut-off VM: known when it runs
+            disks.append((d["name"], int(size)))
+        state = _STATES.get(dom.state()[0], "unknown")
+        return VMInfo(dom.name(), dom.UUIDString(), disks, _parse_tags(root), state)
+
+    def list_vms(self) -> list[VMInfo]:
+        libvirt = _libvirt()
+        try:
+            doms = self._connect().listAllDomains(0)
+        except libvirt.libvirtError as e:
+            raise SourceError(f"cannot list the VMs at {self.uri}: {e.get_error_message()}") from None
+        return sorted((self._info(d) for d in doms), key=lambda v: v.name)
+
+    def _checkpoints(self, dom) -> list[tuple[str, dict]]:
+        """Our checkpoints of `dom`, oldest first -> [(name, {"time", "sizes", "disks"})]."""
+        out = []
+        for cp in dom.listAllCheckpoints(0):
+            name = cp.getName()
+            if not name.startswith(PREFIX):
+                continue
+            try:
+                root = ET.fromstring(cp.getXMLDesc(0))
+            except Exception:
+                continue
+            try:
+                meta = json.loads(root.findtext("description") or "{}")
+            except ValueError:
+                meta = {}
+            meta["disks"] = [d.get("name") for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap"]
+            meta["time"] = int(root.findtext("creationTime") or 0)
+            out.append((name, meta))
+        return sorted(out, key=lambda x: (x[1]["time"], x[1].get("seq", 0), x[0]))
+
+    def _delete_checkpoints(self, dom, names) -> None:
+        libvirt = _libvirt()
+        for name in names:
+            try:
+                cp = dom.checkpointLookupByName(name, 0)
+            except libvirt.libvirtError:
+                continue
+            try:
+                cp.delete(0)
+            except libvirt.libvirtError as e:
+                try:  # its bitmap is gone or broken: forget the checkpoint at least
+                    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+                except libvirt.libvirtError:
+                    log.warning("cannot delete checkpoint %s of %s: %s", name, dom.name(), e.get_error_message())
+
+    def _job_xml(self, dom):
+        libvirt = _libvirt()
+        try:
+            return ET.fromstring(dom.backupGetXMLDesc(0))
+        except libvirt.libvirtError:
+            return None  # no backup job
+
+    def _end_job(self, dom) -> None:
+        libvirt = _libvirt()
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError:
+            pass  # ended already (VM stopped, or a killed backup's job ended by a later one)
+
+    # -- snapshot ------------------------------------------------------------------------
+    def snapshot(self, vm: str) -> KvmSnapshot:
+        libvirt = _libvirt()
+        dom = self._domain(vm)
+        if not dom.isActive():
+            raise SourceError(f"VM {vm} is shut off: libvirt's backup API needs it running (start it, "
+                              f"or back up its disk files with image:PATH)")
+        job = self._job_xml(dom)
+        if job is not None:
+            ours = all((d.get("exportname") or "").startswith(PREFIX) for d in job.findall("./disks/disk")
+                       if d.get("backup", "yes") == "yes")
+            if not ours:
+                raise SourceError(f"VM {vm} has a backup job of another tool running: try again when it ends")
+            log.warning("VM %s: ending a backup job left by a killed backup", vm)
+            self._end_job(dom)
+        info = self._info(dom)
+        root = ET.fromstring(dom.XMLDesc(0))
+        disks = [d for d in _disks(root)]
+        if not disks:
+            raise SourceError(f"VM {vm} has no disks to back up")
+        sizes = dict(info.disks)
+        cps = self._checkpoints(dom)
+        base = cps[-1] if cps else None
+        # persistent dirty bitmaps live in qcow2 disks only
+        tracked = [d["name"] for d in disks if d["format"] == "qcow2"]
+        name = f"{PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        seq = (base[1].get("seq", 0) + 1) if base else 1
+        incr = {}
+        for d in disks:
+            n = d["name"]
+            if base and n in base[1]["disks"] and base[1].get("sizes", {}).get(n) == sizes.get(n):
+                incr[n] = base[0]
+        port = _free_port(self.nbd_host)
+        try:
+            try:
+                self._begin(dom, disks, tracked, incr, name, seq, sizes, port)
+            except libvirt.libvirtError as e:
+                if not incr:
+                    raise
+                # a broken chain that libvirt sees (bitmap missing or inconsistent): start afresh
+                log.warning("VM %s: incremental backup refused (%s): dropping its checkpoints, reading in full",
+                            vm, e.get_error_message())
+                self._delete_checkpoints(dom, [n for n, _ in cps])
+                incr = {}
+                self._begin(dom, disks, tracked, incr, name, seq, sizes, port)
+        except libvirt.libvirtError as e:
+            raise SourceError(f"cannot start a backup of VM {vm}: {e.get_error_message()}") from None
+        try:
+            job = self._job_xml(dom)
+            srv = job.find("server") if job is not None else None
+            if srv is not None and srv.get("port"):
+                port = int(srv.get("port"))
+            exports = {d.get("name"): (d.get("exportname"), d.get("exportbitmap"))
+                       for d in job.findall("./disks/disk")} if job is not None else {}
+            out = []
+            for d in disks:
+                n = d["name"]
+                export, bitmap = exports.get(n) or (PREFIX + n, None)
+                ctx = ["base:allocation"]
+                if n in incr and bitmap:
+                    ctx.append("qemu:dirty-bitmap:" + bitmap)
+                with nbd.NBDClient(self.nbd_host, port, export, tuple(ctx)) as c:
+                    alloc = nbd.extents(c.block_status("base:allocation"), lambda f: not f & nbd.STATE_ZERO)
+                    changed = None
+                    if len(ctx) > 1 and ctx[1] in c.contexts:
+                        changed = nbd.extents(c.block_status(ctx[1]), lambda f: f & nbd.STATE_DIRTY)
+                    size = c.size
+                out.append(KvmDisk(n, size, self.nbd_host, port, export, alloc, changed or [],
+                                   incr.get(n) if changed is not None else None,
+                                   name if n in tracked else None, self.node_id))
+        except BaseException as e:
+            snap = KvmSnapshot(self, dom, info, [], name if tracked else None)
+            snap.release(failed=True)
+            if isinstance(e, (OSError, nbd.NBDError)):
+                raise SourceError(f"cannot read the backup export of VM {vm} at {self.nbd_host}:{port}: {e}") from None
+            raise
+        return KvmSnapshot(self, dom, info, out, name if tracked else None)
+
+    def _begin(self, dom, disks, tracked, incr, name, seq, sizes, port) -> None:
+        bx = ET.Element("domainbackup", mode="pull")
+        ET.SubElement(bx, "server", transport="tcp", name=self.nbd_host, port=str(port))
+        bd = ET.SubElement(bx, "disks")
+        stamp = f"{dom.UUIDString()}-{name}"
+        for d in disks:
+            n = d["name"]
+            a = {"name": n, "backup": "yes", "type": "file", "exportname": PREFIX + n}
+            if n in incr:
+                a.update(backupmode="incremental", incremental=incr[n])
+            else:
+                a["backupmode"] = "full"
+            el = ET.SubElement(bd, "disk", **a)
+            ET.SubElement(el, "scratch", file=os.path.join(self.scratch_dir, f"alike-{stamp}-{n}.scratch"))
+        cx = None
+        if tracked:
+            c = ET.Element("domaincheckpoint")
+            ET.SubElement(c, "name").text = name
+            ET.SubElement(c, "description").text = json.dumps({"sizes": {n: sizes.get(n) for n in tracked},
+                                                               "seq": seq})
+            cd = ET.SubElement(c, "disks")
+            for d in disks:
+                ET.SubElement(cd, "disk", name=d["name"], checkpoint="bitmap" if d["name"] in tracked else "no")
+            cx = ET.tostring(c, encoding="unicode")
+        dom.backupBegin(ET.tostring(bx, encoding="unicode"), cx, 0)
