@@ -4,9 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need=""
-for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup fusermount3:fuse3 script:util-linux; do
+for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup script:util-linux; do
   command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd##*:}"
 done
+# alike mount: mfusepy loads libfuse 3 (or 2)
+ldconfig -p | grep -q 'libfuse3\.so\.3\|libfuse\.so\.2' || need="$need libfuse3-3"
 if [ -n "$need" ]; then
   apt-get update -qq
   apt-get install -y -qq $need >/dev/null
