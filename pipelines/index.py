@@ -18,15 +18,22 @@ from storage.store import Store
 NEW, DURABLE, PENDING = 0, 1, 2
 
 
+def load_segments(store: Store, keys: list[str], index: CompactIndex) -> None:
+    """Read segments several at a time (on S3 each is a request), adding them as they come."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        for seg in pool.map(store.read_segment, keys):
+            index.add(*seg)
+
+
 @ray.remote(num_cpus=0)
 class IndexShard:
     def __init__(self, store_url: str, shards: list[int]):
         store = Store.open(store_url)
         self.index = CompactIndex()
         self.claims: dict[bytes, str] = {}
-        for s in shards:
-            for key in store.segment_keys(s):
-                self.index.add(*store.read_segment(key))
+        load_segments(store, [k for s in shards for k in store.segment_keys(s)], self.index)
 
     def ready(self) -> int:
         return len(self.index)
@@ -143,8 +150,7 @@ class LocalIndex:
     def __init__(self, store_url):
         store = Store.open(store_url)
         self.index = CompactIndex()
-        for key in store.segment_keys():
-            self.index.add(*store.read_segment(key))
+        load_segments(store, store.segment_keys(), self.index)
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         return self.index.lookup(hashes)[0]

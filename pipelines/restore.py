@@ -29,44 +29,59 @@ class RestoreError(StoreError):
     """{detail}"""
 
 
-@ray.remote(max_retries=2)
-def restore_batch(store_url: str, paths: list[str], rows: dict) -> int:
-    """Write the blocks of `rows` (sorted by pack, offset) into the files `paths`."""
+GAP = 1 << 20          # read through gaps up to this size rather than make another request
+SPAN = 16 << 20        # at most this much per read
+FETCHERS = 4           # reads in flight per task (S3 latency hides behind the others)
+
+
+def _spans(packs, offs, lens):
+    """Group rows (sorted by pack, offset) into (first row, end row, start, end) reads."""
+    out, i, n = [], 0, len(offs)
+    while i < n:
+        j, start, end = i + 1, int(offs[i]), int(offs[i] + lens[i])
+        while j < n and packs[j] == packs[i] and int(offs[j]) - end <= GAP and int(offs[j] + lens[j]) - start <= SPAN:
+            end = max(end, int(offs[j] + lens[j]))
+            j += 1
+        out.append((i, j, start, end))
+        i = j
+    return out
+
+
+@ray.remote(max_retries=2, num_cpus=0.5)
+def restore_batch(store_url, paths: list[str], rows: dict) -> int:
+    """Write the blocks of `rows` (sorted by pack, offset) into the files `paths`: reads run a
+    few at a time, each block is decoded and re-hashed before it is written."""
+    from concurrent.futures import ThreadPoolExecutor
+
     crash_point("restore-task")
     store = Store.open(store_url)
     codec, bs = store.codec, store.block_size
     fds = {}
     written = 0
+    packs, offs, lens, hashes, disks, blocks = (rows[k] for k in ("pack", "off", "len", "hash", "disk", "block"))
+
+    def fetch(span):
+        i, j, start, end = span
+        try:
+            return span, store.read_stored(packs[i], start, end - start)
+        except ObjectMissing as e:
+            raise DamagedData(f"pack {packs[i]} is missing or truncated ({e.detail})") from None
+
     try:
-        packs, offs, lens, hashes, disks, blocks = (rows[k] for k in ("pack", "off", "len", "hash", "disk", "block"))
-        n = len(offs)
-        i = 0
-        while i < n:
-            # coalesce consecutive rows of one pack whose ranges touch or repeat
-            j = i + 1
-            end = int(offs[i] + lens[i])
-            while j < n and packs[j] == packs[i] and int(offs[j]) <= end and int(offs[j]) - int(offs[i]) < 64 << 20:
-                end = max(end, int(offs[j] + lens[j]))
-                j += 1
-            start = int(offs[i])
-            try:
-                span = store.read_stored(packs[i], start, end - start)
-            except ObjectMissing as e:
-                raise DamagedData(f"pack {packs[i]} is missing or truncated ({e.detail})") from None
-            cache = {}
-            for k in range(i, j):
-                key = int(offs[k])
-                data = cache.get(key)
-                if data is None:
-                    stored = span[key - start:key - start + int(lens[k])]
-                    data = codec.decode(stored, h32(hashes[k]), where=f"in pack {packs[i]} at offset {key}")
-                    cache = {key: data}
-                fd = fds.get(int(disks[k]))
-                if fd is None:
-                    fd = fds[int(disks[k])] = os.open(paths[int(disks[k])], os.O_WRONLY)
-                os.pwrite(fd, data, int(blocks[k]) * bs)
-                written += len(data)
-            i = j
+        with ThreadPoolExecutor(FETCHERS) as pool:
+            for (i, j, start, end), data_span in pool.map(fetch, _spans(packs, offs, lens)):
+                last_key, data = None, None
+                for k in range(i, j):
+                    key = int(offs[k])
+                    if key != last_key:  # rows of one block in several places follow each other
+                        stored = data_span[key - start:key - start + int(lens[k])]
+                        data = codec.decode(stored, h32(hashes[k]), where=f"in pack {packs[i]} at offset {key}")
+                        last_key = key
+                    fd = fds.get(int(disks[k]))
+                    if fd is None:
+                        fd = fds[int(disks[k])] = os.open(paths[int(disks[k])], os.O_WRONLY)
+                    os.pwrite(fd, data, int(blocks[k]) * bs)
+                    written += len(data)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFull(os.path.dirname(paths[0]) or ".") from None
