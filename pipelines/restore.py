@@ -54,7 +54,7 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     crash_point("restore-task")
-    store = Store.open(store_url)
+    store = Store.open_cached(store_url)
     codec, bs = store.codec, store.block_size
     fds = {}
     written = 0

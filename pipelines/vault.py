@@ -71,7 +71,7 @@ def open_target(src: Store, target_spec) -> Store:
 def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np.ndarray, hashes: np.ndarray):
     """Copy blocks (sorted by source pack and offset) into new target packs, then index them.
     -> (blocks copied, stored bytes copied, damaged hashes)."""
-    src, dst = Store.open(src_spec), Store.open(dst_spec)
+    src, dst = Store.open_cached(src_spec), Store.open_cached(dst_spec)
     codec = src.codec
     builder = PackBuilder()
     written = []  # (hash, pack, off, len)

@@ -21,7 +21,7 @@ from .index import LocalIndex
 @ray.remote(max_retries=2)
 def verify_pack(store_url: str, pack: str, offs: np.ndarray, lens: np.ndarray, hashes: np.ndarray):
     """-> (bad hashes, reason, bytes checked)."""
-    store = Store.open(store_url)
+    store = Store.open_cached(store_url)
     try:
         data = store.backend.get(pack_key(pack))
     except ObjectMissing:

@@ -109,6 +109,18 @@ class Store:
             raise BadConfig(f"{type(e).__name__}: {e}") from None
         return cls(backend, config)
 
+    _cache: dict = {}
+
+    @classmethod
+    def open_cached(cls, spec) -> "Store":
+        """`open` once per process and spec: Ray workers run many tasks, and an S3 client costs
+        a few hundred milliseconds to make."""
+        key = repr(sorted(spec.items())) if isinstance(spec, dict) else spec
+        st = cls._cache.get(key)
+        if st is None:
+            st = cls._cache[key] = cls.open(spec)
+        return st
+
     # -- packs ------------------------------------------------------------------------------
     def put_pack(self, builder: PackBuilder) -> str:
         self.backend.put(pack_key(builder.pack_id), builder.finish())
@@ -142,10 +154,9 @@ class Store:
         return [k for k in self.backend.list(prefix) if k.endswith(".parquet")]
 
     def read_segment(self, key: str):
+        raw = self.backend.get(key)  # an unreachable or refusing store raises its own error here
         try:
-            return _index.read_segment(self.backend.get(key))
-        except ObjectMissing:
-            raise
+            return _index.read_segment(raw)
         except Exception as e:
             raise DamagedData(f"index segment {key} does not parse ({e})") from None
 
