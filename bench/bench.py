@@ -381,7 +381,8 @@ class Restic(Tool):
             dt, _ = run(["restic", "restore", self.snap, "--target", self.restore_dir], env=self.env)
         else:  # the latest snapshot of the day-2 image, from the S3 copy
             env = dict(self.env, RESTIC_REPOSITORY=self.s3_repo)
-            dt, _ = run(["restic", "restore", "latest", "--path", self.images["vm1-day2"],
+            # restic records the path resolved from the real working directory (symlinks resolved)
+            dt, _ = run(["restic", "restore", "latest", "--path", os.path.realpath(self.images["vm1-day2"]),
                          "--target", self.restore_dir], env=env)
         found = [os.path.join(r, f) for r, _, fs in os.walk(self.restore_dir) for f in fs if f == "vm1-day2.raw"]
         return dict(seconds=dt, restored=found[0] if found else None)
