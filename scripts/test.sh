@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need=""
-for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup script:util-linux; do
+for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup script:util-linux qemu-system-x86_64:qemu-system-x86; do
   command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd##*:}"
 done
 # alike mount: mfusepy loads libfuse 3 (or 2)
