@@ -7,11 +7,24 @@ need=""
 for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup script:util-linux qemu-system-x86_64:qemu-system-x86; do
   command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd##*:}"
 done
+# kvm: tests: libvirt and QEMU; libvirt-python (a test dependency) builds against libvirt's headers
+for cmd in libvirtd:libvirt-daemon-system virtlogd:libvirt-daemon-system virsh:libvirt-clients \
+           pkg-config:pkg-config gcc:gcc; do
+  command -v "${cmd%%:*}" >/dev/null || [ -x "/usr/sbin/${cmd%%:*}" ] || need="$need ${cmd##*:}"
+done
+[ -e /usr/include/libvirt/libvirt.h ] || need="$need libvirt-dev"
 # alike mount: mfusepy loads libfuse 3 (or 2)
 ldconfig -p | grep -q 'libfuse3\.so\.3\|libfuse\.so\.2' || need="$need libfuse3-3"
 if [ -n "$need" ]; then
   apt-get update -qq
   apt-get install -y -qq $need >/dev/null
+fi
+# libvirtd needs virtlogd; no init system starts them here. /dev/kvm gets the owner and mode
+# that Debian's udev rules give it (else libvirtd re-probes QEMU at every call: tests/kvm_env.py).
+if [ "$(id -u)" = 0 ]; then
+  if [ -e /dev/kvm ] && getent group kvm >/dev/null; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true; fi
+  pgrep -x virtlogd >/dev/null || /usr/sbin/virtlogd -d
+  pgrep -x libvirtd >/dev/null || /usr/sbin/libvirtd -d
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 export RAY_USAGE_STATS_ENABLED=0

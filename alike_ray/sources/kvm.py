@@ -341,6 +341,12 @@ class KvmSource(Source):
             dom.abortJob()
         except libvirt.libvirtError:
             pass  # ended already (VM stopped, or a killed backup's job ended by a later one)
+        # the job ends asynchronously: wait, as checkpoints cannot be deleted while it runs
+        deadline = time.monotonic() + 60
+        while self._job_xml(dom) is not None and dom.isActive():
+            if time.monotonic() > deadline:
+                raise SourceError(f"the backup job of VM {dom.name()} does not end: see `virsh domjobinfo {dom.name()}`")
+            time.sleep(0.05)
 
     # -- snapshot ------------------------------------------------------------------------
     def snapshot(self, vm: str) -> KvmSnapshot:
