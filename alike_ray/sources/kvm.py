@@ -12,8 +12,13 @@ frozen view with copy-before-write into a scratch file. We chose it over externa
 because it leaves the VM's disk chain untouched (no overlay to block-commit afterwards, which
 can fail and leave a VM on an overlay), and because the dirty bitmaps live in the disks and
 are exposed by the same export (`qemu:dirty-bitmap:backup-<disk>`), next to the allocation
-map (`base:allocation`) that gives whitespace awareness. The VM must be running (QEMU does
-the work): a shut-off VM is refused with a clear message.
+map (`base:allocation`) that gives whitespace awareness.
+
+A shut-off VM (on a local URI) is read from its disk files, each served read-only by a
+qemu-nbd of ours: its disks do not change, and CBT goes on from the newest checkpoint, whose
+bitmap is still in the disk (exported with `qemu-nbd --bitmap`); that checkpoint stays the
+marker. While it is read, QEMU's image locks keep the VM from starting. A shut-off VM of a
+remote libvirt host is refused with a clear message.
 
 Changed block tracking: the CBT marker of a disk is the name of the checkpoint made with the
 backup (`alike-<time>-<random>`). A backup is incremental from the newest `alike-` checkpoint
@@ -28,7 +33,9 @@ Release (also when the backup failed): the backup job is ended (its export close
 libvirt deletes the scratch files), and checkpoints no longer needed are deleted: after a
 success all older `alike-` checkpoints, after a failure the new one (the previous one stays
 the base of the next CBT backup). A backup killed before release leaves its job running:
-the next snapshot of that VM ends it (exports named `alike-*` are ours) and reads in full.
+the next snapshot of that VM ends it (exports named `alike-*` are ours) and reads in full;
+a killed backup of a shut-off VM leaves qemu-nbd servers, which the next snapshot stops
+(their pid files are in /run/alike-kvm).
 Checkpoints not named `alike-` are never touched.
 
 Reads: `KvmDisk` is picklable and reads over NBD (TCP) from any Ray worker that reaches
@@ -100,8 +107,10 @@ def _disks(root: ET.Element) -> list[dict]:
         if tgt is None or not tgt.get("dev"):
             continue
         drv = d.find("driver")
+        src = d.find("source")
         out.append({"name": tgt.get("dev"), "type": d.get("type", "file"),
                     "format": drv.get("type", "raw") if drv is not None else "raw",
+                    "path": (src.get("file") or src.get("dev")) if src is not None else None,
                     "readonly": d.find("readonly") is not None})
     return out
 
@@ -208,6 +217,7 @@ class KvmSnapshot(Snapshot):
         self.vm = vm
         self.disks = disks
         self.checkpoint = checkpoint
+        self.servers = None
 
     def release(self, failed: bool | None = None) -> None:
         """End the backup job and delete the checkpoints no longer needed. `failed`: whether
@@ -218,6 +228,9 @@ class KvmSnapshot(Snapshot):
         if failed is None:
             failed = sys.exc_info()[0] is not None
         dom, self._dom = self._dom, None
+        if self.servers is not None:  # a shut-off VM: our qemu-nbd servers; no checkpoint made
+            _stop_servers(self.servers)
+            return
         try:
             self.source._end_job(dom)
         finally:
@@ -308,7 +321,9 @@ class KvmSource(Source):
                 meta = json.loads(root.findtext("description") or "{}")
             except ValueError:
                 meta = {}
-            meta["disks"] = [d.get("name") for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap"]
+            bm = [d for d in root.findall("./disks/disk") if d.get("checkpoint") == "bitmap"]
+            meta["disks"] = [d.get("name") for d in bm]
+            meta["bitmaps"] = {d.get("name"): d.get("bitmap") or name for d in bm}
             meta["time"] = int(root.findtext("creationTime") or 0)
             out.append((name, meta))
         return sorted(out, key=lambda x: (x[1]["time"], x[1].get("seq", 0), x[0]))
@@ -353,8 +368,7 @@ class KvmSource(Source):
         libvirt = _libvirt()
         dom = self._domain(vm)
         if not dom.isActive():
-            raise SourceError(f"VM {vm} is shut off: libvirt's backup API needs it running (start it, "
-                              f"or back up its disk files with image:PATH)")
+            return self._offline(dom, vm)
         job = self._job_xml(dom)
         if job is not None:
             ours = all((d.get("exportname") or "").startswith(PREFIX) for d in job.findall("./disks/disk")
@@ -451,3 +465,112 @@ class KvmSource(Source):
                 ET.SubElement(cd, "disk", name=d["name"], checkpoint="bitmap" if d["name"] in tracked else "no")
             cx = ET.tostring(c, encoding="unicode")
         dom.backupBegin(ET.tostring(bx, encoding="unicode"), cx, 0)
+
+    # -- shut-off VMs ----------------------------------------------------------------------
+    def _offline(self, dom, vm: str) -> KvmSnapshot:
+        """A shut-off VM: its disks do not change, so they are read as they are, each served
+        read-only by a qemu-nbd of ours (which also keeps the VM from starting meanwhile: QEMU's
+        image locks). CBT goes on: the newest checkpoint's bitmap, still in the disk, tells
+        what changed since then, and stays the marker (no new checkpoint is needed)."""
+        host = urlparse(self.uri).hostname
+        if host and not _is_loopback(host) or not _is_loopback(self.nbd_host):
+            raise SourceError(f"VM {vm} is shut off: libvirt's backup API needs it running, and its disks "
+                              f"are on another host (start it, or back up from that host)")
+        import shutil
+        import subprocess
+
+        if not shutil.which("qemu-nbd"):
+            raise SourceError(f"VM {vm} is shut off: reading its disks needs qemu-nbd (apt-get install qemu-utils)")
+        info = self._info(dom)
+        disks = _disks(ET.fromstring(dom.XMLDesc(0)))
+        sizes = dict(info.disks)
+        cps = self._checkpoints(dom)
+        base = cps[-1] if cps else None
+        os.makedirs(RUN_DIR, exist_ok=True)
+        _stop_servers([p for p in _pidfiles(dom.UUIDString())])  # left by a killed backup
+        servers, out = [], []
+        try:
+            for d in disks:
+                n = d["name"]
+                if not d["path"] or d["type"] not in ("file", "block"):
+                    raise SourceError(f"VM {vm} is shut off and its disk {n} is not a file or block device: "
+                                      f"start the VM to back it up")
+                bitmap = None
+                if base and n in base[1]["disks"] and base[1].get("sizes", {}).get(n) == sizes.get(n):
+                    bitmap = base[1]["bitmaps"].get(n)
+                export = PREFIX + n
+                for bm in ([bitmap, None] if bitmap else [None]):
+                    port = _free_port(self.nbd_host)
+                    pidfile = os.path.join(RUN_DIR, f"{dom.UUIDString()}-{n}.pid")
+                    cmd = ["qemu-nbd", "--read-only", "--persistent", "--shared=64", "--fork",
+                           f"--pid-file={pidfile}", f"--bind={self.nbd_host}", f"--port={port}",
+                           f"--export-name={export}", f"--format={d['format']}"]
+                    if bm:
+                        cmd.append(f"--bitmap={bm}")
+                    p = subprocess.run(cmd + [d["path"]], capture_output=True, text=True, timeout=60)
+                    if p.returncode == 0:
+                        break
+                    err = p.stderr.strip()
+                    if bm:
+                        log.warning("VM %s disk %s: bitmap %s unusable (%s): reading it in full", vm, n, bm, err)
+                else:
+                    if "lock" in err:
+                        err += " (is the VM starting, or is another program using the disk?)"
+                    raise SourceError(f"VM {vm} is shut off and its disk {n} cannot be opened: {err}")
+                servers.append(pidfile)
+                ctx = ["base:allocation"] + ([f"qemu:dirty-bitmap:{bm}"] if bm else [])
+                with nbd.NBDClient(self.nbd_host, port, export, tuple(ctx)) as c:
+                    alloc = nbd.extents(c.block_status("base:allocation"), lambda f: not f & nbd.STATE_ZERO)
+                    changed = None
+                    if bm and ctx[1] in c.contexts:
+                        changed = nbd.extents(c.block_status(ctx[1]), lambda f: f & nbd.STATE_DIRTY)
+                    size = c.size
+                marker = base[0] if changed is not None else None
+                out.append(KvmDisk(n, size, self.nbd_host, port, export, alloc, changed or [], marker, marker,
+                                   self.node_id))
+        except BaseException as e:
+            _stop_servers(servers)
+            if isinstance(e, (OSError, nbd.NBDError)):
+                raise SourceError(f"cannot read the disks of VM {vm} over NBD: {e}") from None
+            raise
+        snap = KvmSnapshot(self, dom, info, out, None)
+        snap.servers = servers
+        return snap
+
+
+RUN_DIR = "/run/alike-kvm" if os.geteuid() == 0 else os.path.join("/tmp", f"alike-kvm-{os.getuid()}")
+
+
+def _pidfiles(uuid: str) -> list[str]:
+    try:
+        return [os.path.join(RUN_DIR, f) for f in os.listdir(RUN_DIR) if f.startswith(uuid + "-")]
+    except OSError:
+        return []
+
+
+def _stop_servers(pidfiles: list[str]) -> None:
+    """Stop the qemu-nbd servers we started (by the pids they wrote), and remove their pid files."""
+    import signal
+
+    for pf in pidfiles:
+        try:
+            with open(pf) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if b"qemu-nbd" in cmdline and pf.encode() in cmdline:  # not a recycled pid
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(400):  # gone, or a zombie (its image lock is released then)
+                    try:
+                        with open(f"/proc/{pid}/stat") as f:
+                            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                                break
+                    except OSError:
+                        break
+                    time.sleep(0.025)
+        except (OSError, ValueError):
+            pass
+        try:
+            os.unlink(pf)
+        except OSError:
+            pass

@@ -90,8 +90,14 @@ def test_inventory(conn, trees):
     assert w.tags == ["prod", "web"] and d.tags == ["backup-nightly", "billing", "db"]
     from alike_ray.sources import SourceError
 
-    with pytest.raises(SourceError, match="shut off"):
-        open_source("kvm:" + kvm_env.URI).snapshot(kvm_env.vm_name("inv-db"))
+    # a shut-off VM is read from its disk files, served by qemu-nbd until release
+    snap = open_source("kvm:" + kvm_env.URI).snapshot(kvm_env.vm_name("inv-db"))
+    assert [(x.name, x.size) for x in snap.disks] == [("vda", 24 * MiB)]
+    assert 0 < sum(n for _, n in snap.disks[0].allocated_extents()) < 24 * MiB
+    assert snap.disks[0].read(MiB + 1024 + 56, 2).tobytes() == b"\x53\xef"  # the ext4 magic
+    snap.release()
+    db.create()  # its image is free again
+    assert db.isActive()
     with pytest.raises(SourceError, match="no VM named"):
         open_source("kvm:" + kvm_env.URI).snapshot(kvm_env.vm_name("nope"))
     with pytest.raises(SourceError, match="cannot connect to libvirt"):
@@ -101,7 +107,8 @@ def test_inventory(conn, trees):
 def test_backup_cbt_restore(conn, trees, ray_address, tmp_path):
     """First backup reads only allocated data; guest writes; a CBT backup reads only the
     changed blocks; both versions restore byte-identical to the disks at snapshot time; the
-    backups leave one checkpoint, no job and no scratch file."""
+    backups leave one checkpoint, no job and no scratch file. Shut off, the VM is read from
+    its disk files with CBT from the same checkpoint, which goes on when it runs again."""
     from pipelines.backup import run_backup
     from storage.store import Store
 
@@ -145,9 +152,27 @@ def test_backup_cbt_restore(conn, trees, ray_address, tmp_path):
             assert same(got, want), f"{vm}@{version}: {got} differs from {want}"
     assert not [f for f in os.listdir("/var/tmp") if f.startswith(f"alike-{dom.UUIDString()}")]
 
+    # shut off: read from the disk files; nothing changed since the last checkpoint, nothing is read
+    dom.destroy()
+    [r3] = run_backup(store, [(src, vm)])
+    assert "error" not in r3, r3
+    assert r3["cbt"] is True and r3["read_bytes"] == 0 and r3["new_blocks"] == 0
+    assert [d["cbt"] for d in r3["disks"]] == [d["cbt"] for d in r2["disks"]]
+    for got, want in zip(restore(store, vm, r3["version"], tmp_path, 2), v2_expected):
+        assert same(got, want)
+    # running again: CBT from the same checkpoint
+    dom.create()
+    disks[1].write(3 * MiB, 4096, 0x44)
+    [r4] = run_backup(store, [(src, vm)])
+    assert r4["cbt"] is True and 0 < r4["read_bytes"] <= BS, r4
+    v4_expected = [d.snapshot_copy(str(tmp_path / f"v4-{i}.raw")) for i, d in enumerate(disks)]
+    for got, want in zip(restore(store, vm, r4["version"], tmp_path, 2), v4_expected):
+        assert same(got, want)
+
 
 def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
-    """A failed backup keeps the previous checkpoint (CBT goes on); a killed one (no release)
+    """A failed backup (released by hand, or failing in the pipeline) keeps the previous
+    checkpoint, so CBT goes on; a killed one (no release)
     leaves a job that the next snapshot ends, and that disk is read in full; a resized disk is
     read in full and an added one too, while the others keep CBT; every case re-arms."""
     from pipelines.backup import run_backup
@@ -168,6 +193,14 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     snap = src.snapshot(vm)
     assert job_running(dom) and len(ours(dom)) == 2
     snap.release(failed=True)
+    assert ours(dom) == first and not job_running(dom)
+    # a backup that fails in the pipeline (here: the store cannot be read) releases the same way
+    os.rename(os.path.join(store, "versions"), os.path.join(store, "versions.away"))
+    open(os.path.join(store, "versions"), "w").close()
+    [bad] = run_backup(store, [(src, vm)])
+    assert "error" in bad, bad
+    os.unlink(os.path.join(store, "versions"))
+    os.rename(os.path.join(store, "versions.away"), os.path.join(store, "versions"))
     assert ours(dom) == first and not job_running(dom)
     disks[0].write(8 * MiB, 64 * 1024, 0x44)
     [r2] = run_backup(store, [(src, vm)])
