@@ -174,7 +174,8 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     """A failed backup (released by hand, or failing in the pipeline) keeps the previous
     checkpoint, so CBT goes on; a killed one (no release)
     leaves a job that the next snapshot ends, and that disk is read in full; a resized disk is
-    read in full and an added one too, while the others keep CBT; every case re-arms."""
+    read in full and an added one too, while the others keep CBT; a lost bitmap means a full
+    read; every case re-arms."""
     from pipelines.backup import run_backup
     from storage.store import Store
 
@@ -242,7 +243,25 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     [r6] = run_backup(store, [(src, vm)])
     assert "error" not in r6, r6
     assert r6["cbt"] is False and r6["disks"][1]["size"] == 32 * MiB
+    assert r6["read_bytes"] <= images.allocated_bytes(disks[1].expected) + 2 * BS  # vda, vdc: by CBT
     assert len(ours(dom)) == 1 and not job_running(dom)
     want = [x.snapshot_copy(str(tmp_path / f"v6-{i}.raw")) for i, x in enumerate(disks + [added])]
     for got, exp in zip(restore(store, vm, r6["version"], tmp_path, 3), want):
         assert same(got, exp)
+
+    # a bitmap lost while the VM was off (libvirt then refuses the incremental backup):
+    # dropped checkpoints, a full read, re-armed
+    dom.destroy()
+    qcow2 = disks[0].expected[:-len(".raw")] + ".qcow2"
+    subprocess.run(["qemu-img", "bitmap", "--remove", qcow2, ours(dom)[0]], check=True)
+    dom.create()
+    disks[0].write(11 * MiB, 4096, 0x88)
+    [r7] = run_backup(store, [(src, vm)])
+    assert "error" not in r7, r7
+    assert r7["cbt"] is False and len(ours(dom)) == 1 and not job_running(dom)
+    want = [x.snapshot_copy(str(tmp_path / f"v7-{i}.raw")) for i, x in enumerate(disks + [added])]
+    for got, exp in zip(restore(store, vm, r7["version"], tmp_path, 3), want):
+        assert same(got, exp)
+    disks[0].write(12 * MiB, 4096, 0x99)
+    [r8] = run_backup(store, [(src, vm)])
+    assert r8["cbt"] is True and 0 < r8["read_bytes"] <= BS, r8
