@@ -160,7 +160,7 @@ def cmd_backup(args) -> int:
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "cbt", "read_nodes", "seconds", "vaulted")
+            "cache_hits", "index_lookups", "packs", "cbt", "cbt_notes", "read_nodes", "seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:
@@ -304,8 +304,8 @@ def cmd_job_run(args) -> int:
                 for r in done:
                     r["vaulted"] = False
                     r["vault_error"] = e.message
-    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "seconds",
-            "vaulted", "vault_error", "error")
+    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "cbt_notes",
+            "seconds", "vaulted", "vault_error", "error")
     record.update(status="ok" if all("error" not in r for r in results) else "failed",
                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   seconds=round(time.time() - t0, 3),
@@ -314,6 +314,8 @@ def cmd_job_run(args) -> int:
     for r in results:
         if "error" in r:
             print(f"alike: error: {r['vm']}: {r['error']}", file=sys.stderr)
+        for note in r.get("cbt_notes", []):
+            print(f"{r['vm']}: {note}", file=sys.stderr)
     if args.json:
         out(json.dumps(record))
     else:
@@ -349,6 +351,8 @@ def cmd_job_history(args) -> int:
         for v in vms:
             if "error" in v:
                 out(f"    {v['vm']}: {v['error']}")
+            for note in v.get("cbt_notes", []):
+                out(f"    {v['vm']}: {note}")
     return 0
 
 

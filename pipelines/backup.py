@@ -205,8 +205,14 @@ class SnapshotActor:
             blocks_out = [np.zeros(0, np.uint64)]
             hashes_out = [EMPTY]
             changed = None
+            if prev is not None and pd is None:
+                stats.setdefault("cbt_notes", []).append(f"disk {disk.name}: new since the previous version; read in full")
             if self.cbt and pd is not None and pd.get("cbt"):
                 changed = disk.changed_extents(pd.get("cbt"))  # None: chain broken, read everything
+                if changed is None:  # say why in the version and the job log
+                    stats.setdefault("cbt_notes", []).append(getattr(disk, "cbt_note", None) or
+                                                             f"disk {disk.name}: changed block tracking "
+                                                             "unavailable; read in full")
             stats["cbt"] = stats.get("cbt", True) and changed is not None
             if changed is not None:
                 cmask = np.zeros(nblocks, bool)

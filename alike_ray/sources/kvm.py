@@ -167,10 +167,12 @@ class KvmDisk(Disk):
     def changed_extents(self, since):
         if since and self._since and since == self._since:
             return list(self._changed)
-        why = ("it was read in full by the last backup" if not self._since
+        why = ("this backup has no usable bitmap for it (resized, added, bitmap lost, or the last backup "
+               "did not finish)" if not self._since
                else f"the last backup's checkpoint {since} is not the newest one here ({self._since})")
         log.warning("disk %s: no changed block tracking from %s: %s; reading it in full (CBT re-armed)",
                     self.name, since, why)
+        self.cbt_note = f"disk {self.name}: no changed block tracking from {since}: {why}; read in full, CBT re-armed"
         return None
 
     def read_into(self, buf: np.ndarray, offset: int) -> int:

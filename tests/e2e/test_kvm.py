@@ -215,6 +215,7 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     [r3] = run_backup(store, [(src, vm)])
     assert "error" not in r3, r3
     assert r3["cbt"] is False and r3["read_bytes"] >= r1["read_bytes"] - 2 * BS
+    assert any("read in full" in n for n in r3["cbt_notes"]), r3.get("cbt_notes")  # the job log says why
     assert len(ours(dom)) == 1 and not job_running(dom)
 
     # re-armed: the next one has CBT again
@@ -231,6 +232,7 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     [r5] = run_backup(store, [(src, vm)])
     assert "error" not in r5, r5
     assert r5["cbt"] is False and [x["name"] for x in r5["disks"]] == ["vda", "vdb", "vdc"]
+    assert any(n.startswith("disk vdc: new") for n in r5["cbt_notes"]), r5.get("cbt_notes")
     assert r5["read_bytes"] <= BS + images.allocated_bytes(raw) + 2 * BS
     want = [x.snapshot_copy(str(tmp_path / f"v5-{i}.raw")) for i, x in enumerate(disks + [added])]
     for got, exp in zip(restore(store, vm, r5["version"], tmp_path, 3), want):
@@ -243,6 +245,7 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     [r6] = run_backup(store, [(src, vm)])
     assert "error" not in r6, r6
     assert r6["cbt"] is False and r6["disks"][1]["size"] == 32 * MiB
+    assert [n for n in r6["cbt_notes"] if n.startswith("disk vdb")], r6.get("cbt_notes")
     assert r6["read_bytes"] <= images.allocated_bytes(disks[1].expected) + 2 * BS  # vda, vdc: by CBT
     assert len(ours(dom)) == 1 and not job_running(dom)
     want = [x.snapshot_copy(str(tmp_path / f"v6-{i}.raw")) for i, x in enumerate(disks + [added])]
