@@ -454,6 +454,16 @@ def cmd_restore(args) -> int:
     version = resolve_version(st, vm, version or None)
     meta = st.read_version(vm, version)
     ndisks = len(meta["disks"])
+    hyper = None
+    if args.to.startswith("kvm:"):  # a full restore into a hypervisor: a new VM there
+        from .restore import hypervisor
+
+        uri = args.to[len("kvm:"):]
+        name = args.name or f"{vm}-restored"
+        pool = args.pool_dir or hypervisor.DEFAULT_POOL
+        hypervisor.check_target(uri, name, pool)
+        hyper = (hypervisor, uri, name)
+        args.to, args.format, args.disk = pool, "qcow2", "all"
     if args.disk in (None, "all"):
         disks = list(range(ndisks))
     else:
@@ -461,7 +471,9 @@ def cmd_restore(args) -> int:
             raise StoreError(f"{vm}@{version} has no disk {args.disk!r}: use a number from 0 to {ndisks - 1}, or all")
         disks = [int(args.disk)]
     fmt = fmt_for(args.to, args.format)
-    if len(disks) == 1:
+    if hyper:
+        targets = [os.path.join(args.to, f"{hyper[2]}-disk{n}.qcow2") for n in disks]
+    elif len(disks) == 1:
         targets = [args.to]
     else:
         if os.path.exists(args.to) and not os.path.isdir(args.to):
@@ -492,9 +504,20 @@ def cmd_restore(args) -> int:
                 if os.path.exists(raw):
                     os.unlink(raw)
     res.update(targets=targets, format=fmt, disks=disks)
+    if hyper:
+        try:
+            res["vm_created"] = hyper[0].define(hyper[1], hyper[2], targets, args.memory, args.vcpus, args.start)
+        except BaseException:
+            for t in targets:
+                if os.path.exists(t):
+                    os.unlink(t)
+            raise
     res["seconds"] = round(time.monotonic() - t0, 3)
-    _emit(args, res, f"restored {vm}@{version} to {', '.join(targets)} ({_h(res['logical_bytes'])}, "
-                     f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
+    text = (f"restored {vm}@{version} to {', '.join(targets)} ({_h(res['logical_bytes'])}, "
+            f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
+    if hyper:
+        text += f"\nnew VM {hyper[2]} defined on {hyper[1]} ({res['vm_created']['state']})"
+    _emit(args, res, text)
     return 0
 
 
@@ -605,8 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
              "the disks in the folder --to. Formats other than raw go through qemu-img and are checked "
              "with qemu-img check and compare.")
     sp.add_argument("vm", metavar="VM[@VERSION]")
-    sp.add_argument("--to", required=True, help="target file (or folder for several disks)")
+    sp.add_argument("--to", required=True,
+                    help="target file, folder (several disks), or kvm:URI for a new VM on that libvirt host")
     sp.add_argument("--disk", default="all", help="disk number to restore, or all (default)")
+    sp.add_argument("--name", help="with --to kvm:URI: the new VM's name (default VM-restored)")
+    sp.add_argument("--pool-dir", help="with --to kvm:URI: where its disks go (default /var/lib/libvirt/images)")
+    sp.add_argument("--memory", type=int, default=1024, help="with --to kvm:URI: memory in MiB (default 1024)")
+    sp.add_argument("--vcpus", type=int, default=1, help="with --to kvm:URI: virtual CPUs (default 1)")
+    sp.add_argument("--start", action="store_true", help="with --to kvm:URI: start the new VM")
     sp.add_argument("--format", choices=["raw", "qcow2", "vhd", "vhdx"],
                     help="disk format (default: from --to's extension, else raw sparse); "
                          "converted and checked with qemu-img")
