@@ -268,3 +268,38 @@ def test_broken_chain_and_release(conn, trees, ray_address, tmp_path):
     disks[0].write(12 * MiB, 4096, 0x99)
     [r8] = run_backup(store, [(src, vm)])
     assert r8["cbt"] is True and 0 < r8["read_bytes"] <= BS, r8
+
+
+def test_job_on_kvm_vms(conn, trees, alike, tmp_path):
+    """A job with keyword and tag selection and 2 simultaneous VMs backs up 4 of 5 libvirt VMs;
+    its second run uses CBT; the history holds both runs, right."""
+    tag = f"jobtag{os.getpid()}"
+    made = {
+        "web-a": make_vm(conn, kvm_env.vm_name("web-a"), trees, (24,)),
+        "web-b": make_vm(conn, kvm_env.vm_name("web-b"), trees, (24,)),
+        "db": make_vm(conn, kvm_env.vm_name("db"), trees, (24,), metadata_tags=tag),
+        "cache": make_vm(conn, kvm_env.vm_name("cache"), trees, (24,), description=f"cache #{tag}"),
+        "other": make_vm(conn, kvm_env.vm_name("other"), trees, (24,)),
+    }
+    want = sorted(kvm_env.vm_name(n) for n in ("web-a", "web-b", "db", "cache"))
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    job = tmp_path / "kvm.toml"
+    job.write_text(f'name = "kvmjob"\nstore = "{store}"\nsources = ["kvm:{kvm_env.URI}"]\n'
+                   f'[select]\nkeyword = "{kvm_env.vm_name("web")}*"\ntags = ["{tag}"]\n'
+                   f'[options]\nparallel = 2\n')
+    assert sorted(v["vm"] for v in alike.json("job", "preview", job)["vms"]) == want
+    first = alike.json("job", "run", job)
+    assert first["status"] == "ok" and sorted(v["vm"] for v in first["vms"]) == want
+    made["db"][1][0].write(3 * MiB, 8192, 0x42)
+    second = alike.json("job", "run", job)
+    assert second["status"] == "ok"
+    res = {v["vm"]: v for v in second["vms"]}
+    assert all(v["cbt"] is True for v in res.values()), res
+    assert res[kvm_env.vm_name("db")]["read_bytes"] <= BS  # only the changed block
+    assert all(v["read_bytes"] == 0 for n, v in res.items() if n != kvm_env.vm_name("db"))
+    hist = alike.json("job", "history", "--store", store, "--job", "kvmjob")["runs"]
+    assert [h["run_id"] for h in hist] == [second["run_id"], first["run_id"]]
+    assert all(h["status"] == "ok" and len(h["vms"]) == 4 for h in hist)
+    vers = alike.json("versions", "--store", store)["versions"]
+    assert len(vers) == 8 and kvm_env.vm_name("other") not in {v["vm"] for v in vers}
