@@ -274,19 +274,16 @@ def test_job_on_kvm_vms(conn, trees, alike, tmp_path):
     """A job with keyword and tag selection and 2 simultaneous VMs backs up 4 of 5 libvirt VMs;
     its second run uses CBT; the history holds both runs, right."""
     tag = f"jobtag{os.getpid()}"
-    made = {
-        "web-a": make_vm(conn, kvm_env.vm_name("web-a"), trees, (24,)),
-        "web-b": make_vm(conn, kvm_env.vm_name("web-b"), trees, (24,)),
-        "db": make_vm(conn, kvm_env.vm_name("db"), trees, (24,), metadata_tags=tag),
-        "cache": make_vm(conn, kvm_env.vm_name("cache"), trees, (24,), description=f"cache #{tag}"),
-        "other": make_vm(conn, kvm_env.vm_name("other"), trees, (24,)),
-    }
-    want = sorted(kvm_env.vm_name(n) for n in ("web-a", "web-b", "db", "cache"))
+    # names of their own: the other tests of this module keep their VMs until the module ends
+    made = {n: make_vm(conn, kvm_env.vm_name(f"job-{n}"), trees, (24,), **kw) for n, kw in (
+        ("web-a", {}), ("web-b", {}), ("db", {"metadata_tags": tag}), ("cache", {"description": f"cache #{tag}"}),
+        ("other", {}))}
+    want = sorted(kvm_env.vm_name(f"job-{n}") for n in ("web-a", "web-b", "db", "cache"))
     store = tmp_path / "ads"
     alike.json("init", "--store", store)
     job = tmp_path / "kvm.toml"
     job.write_text(f'name = "kvmjob"\nstore = "{store}"\nsources = ["kvm:{kvm_env.URI}"]\n'
-                   f'[select]\nkeyword = "{kvm_env.vm_name("web")}*"\ntags = ["{tag}"]\n'
+                   f'[select]\nkeyword = "{kvm_env.vm_name("job-web")}*"\ntags = ["{tag}"]\n'
                    f'[options]\nparallel = 2\n')
     assert sorted(v["vm"] for v in alike.json("job", "preview", job)["vms"]) == want
     first = alike.json("job", "run", job)
@@ -296,10 +293,10 @@ def test_job_on_kvm_vms(conn, trees, alike, tmp_path):
     assert second["status"] == "ok"
     res = {v["vm"]: v for v in second["vms"]}
     assert all(v["cbt"] is True for v in res.values()), res
-    assert res[kvm_env.vm_name("db")]["read_bytes"] <= BS  # only the changed block
-    assert all(v["read_bytes"] == 0 for n, v in res.items() if n != kvm_env.vm_name("db"))
+    assert res[kvm_env.vm_name("job-db")]["read_bytes"] <= BS  # only the changed block
+    assert all(v["read_bytes"] == 0 for n, v in res.items() if n != kvm_env.vm_name("job-db"))
     hist = alike.json("job", "history", "--store", store, "--job", "kvmjob")["runs"]
     assert [h["run_id"] for h in hist] == [second["run_id"], first["run_id"]]
     assert all(h["status"] == "ok" and len(h["vms"]) == 4 for h in hist)
     vers = alike.json("versions", "--store", store)["versions"]
-    assert len(vers) == 8 and kvm_env.vm_name("other") not in {v["vm"] for v in vers}
+    assert len(vers) == 8 and kvm_env.vm_name("job-other") not in {v["vm"] for v in vers}
