@@ -119,22 +119,9 @@ def _ours_or_stale(name: str) -> bool:
 
 
 def remove_domain(dom) -> None:
-    import libvirt
+    from tests import kvm_env
 
-    try:
-        if dom.isActive():
-            dom.destroy()
-    except libvirt.libvirtError:
-        pass
-    try:
-        for cp in dom.listAllCheckpoints(0):
-            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-    except libvirt.libvirtError:
-        pass
-    try:
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-    except libvirt.libvirtError:
-        pass
+    kvm_env.remove_domain(dom)
 
 
 def cleanup(conn) -> None:

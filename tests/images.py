@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 
 MiB = 1024 * 1024
@@ -59,3 +58,12 @@ def to_qcow2(raw: str, out: str, *extra) -> str:
 
 def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def random_image(path, mib: int) -> str:
+    """A raw image of `mib` MiB of random (incompressible, unique) data."""
+    with open(path, "wb") as f:
+        for _ in range(mib // 8):
+            f.write(os.urandom(8 * MiB))
+        f.write(os.urandom((mib % 8) * MiB))
+    return str(path)

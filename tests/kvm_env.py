@@ -91,28 +91,33 @@ def start_libvirt() -> tuple[object | None, str]:
     return None, f"libvirtd started but does not answer at {URI}: {err}"
 
 
+def remove_domain(dom) -> None:
+    """Stop and undefine a domain with its checkpoints' metadata, whatever state it is in."""
+    import libvirt
+
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    try:
+        for cp in dom.listAllCheckpoints(0):
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    except libvirt.libvirtError:
+        pass
+    try:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    except libvirt.libvirtError:
+        pass
+
+
 def cleanup_domains(conn) -> None:
     """Remove this run's test domains (running or not) with their checkpoints and images, and
     those left by killed runs."""
-    import libvirt
-
     for dom in conn.listAllDomains(0):
         if not _stale(dom.name()):
             continue
-        try:
-            if dom.isActive():
-                dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            for cp in dom.listAllCheckpoints(0):
-                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-        except libvirt.libvirtError:
-            pass
-        try:
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-        except libvirt.libvirtError:
-            pass
+        remove_domain(dom)
     for name in os.listdir(IMAGES) if os.path.isdir(IMAGES) else []:
         if _stale(name):
             shutil.rmtree(os.path.join(IMAGES, name), ignore_errors=True)

@@ -1,7 +1,6 @@
 """Unit tests of the block store: codec, packs, compact index, store, directory backend."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np

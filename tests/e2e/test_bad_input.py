@@ -2,9 +2,7 @@
 and leaves what is stored unchanged."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 
 import pytest
 

@@ -124,9 +124,7 @@ def test_driver_killed_mid_backup(alike, tmp_path):
     store = tmp_path / "ads"
     alike.json("init", "--store", store, "--block-size", "64K")
     big = tmp_path / "big.raw"
-    with open(big, "wb") as f:
-        for _ in range(24):
-            f.write(os.urandom(8 * images.MiB))
+    images.random_image(big, 192)
     env = dict(os.environ, RAY_ADDRESS=alike.address)
     proc = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "backup", "--store", str(store),
                              f"image:{big}", "--name", "big"], env=env,

@@ -15,9 +15,7 @@ def test_progress_bar_on_a_terminal(alike, tmp_path):
     store = tmp_path / "ads"
     alike.json("init", "--store", store, "--block-size", "64K")
     img = tmp_path / "big.raw"
-    with open(img, "wb") as f:
-        for _ in range(24):
-            f.write(os.urandom(8 * images.MiB))
+    images.random_image(img, 192)
     cmd = f"{sys.executable} -m alike_ray.cli backup --store {store} image:{img} --name big"
     env = dict(os.environ, RAY_ADDRESS=alike.address, COLUMNS="120")
     p = subprocess.run(["script", "-qefc", cmd, "/dev/null"], capture_output=True, text=True, env=env, timeout=300)

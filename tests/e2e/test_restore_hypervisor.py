@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from tests import images, kvm_env
+from tests import kvm_env
+
 
 
 @pytest.fixture(scope="module")
