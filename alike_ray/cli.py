@@ -698,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", help="AWS profile of the store")
     sp.add_argument("--job", help="only this job")
     jp.set_defaults(fn=lambda a: (jp.print_help(), 2)[1])
+
+    from .commands import register_all
+
+    register_all(add, sub)
     return p
 
 
