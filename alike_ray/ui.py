@@ -1,0 +1,85 @@
+"""What every command shares for talking to people and scripts: stdout guarded for --json,
+progress bars, sizes, the Ray connection. In a module of its own so that command modules
+(alike_ray/commands/) share the one guarded stdout even when cli.py runs as __main__."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+EPILOG = """exit codes: 0 ok, 1 a backup failed, 2 bad input, 3 damaged data, 4 no space left,
+5 source unreadable, 130 interrupted. --store defaults to $ALIKE_STORE; Ray is joined at
+--address or $RAY_ADDRESS, else a local instance is started."""
+
+
+_OUT = None
+
+
+def out(*a, **kw) -> None:
+    """Write to the real standard output. While a command runs, file descriptor 1 points at
+    stderr, so that whatever Ray or a library prints cannot break our one JSON object."""
+    kw.setdefault("file", _OUT or sys.stdout)
+    print(*a, **kw)
+    kw["file"].flush()
+
+
+def _guard_stdout() -> None:
+    global _OUT
+    if _OUT is None:
+        sys.stdout.flush()
+        _OUT = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+
+
+class Progress:
+    """A progress bar (bytes, rate, ETA) on a terminal; silent otherwise."""
+
+    def __init__(self, desc: str, unit: str = "B", enabled: bool | None = None):
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            from tqdm import tqdm
+
+            import shutil
+
+            # a terminal that reports 0 columns (some ptys) would get an empty bar: fall back to 100
+            size = shutil.get_terminal_size((100, 20))
+            cols, rows = size.columns or 100, size.lines or 20
+            self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                            file=sys.stderr, ncols=cols, nrows=rows, leave=False, mininterval=0.2)
+
+    def __bool__(self) -> bool:
+        return self.bar is not None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = max(total, done)
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _emit(args, obj: dict, text: str) -> None:
+    if args.json:
+        out(json.dumps(obj, default=str))
+    else:
+        out(text)
+
+
+def _h(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _connect(args) -> None:
+    from pipelines.cluster import connect
+
+    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG") if k in os.environ}
+    connect(args.address, env or None)
