@@ -24,6 +24,7 @@ import ray
 from storage.codec import is_zero
 from storage.index import h32
 from storage.errors import StoreError
+from storage.locks import LockLost, store_lock
 from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store, new_version_id
 
@@ -118,8 +119,9 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
 
 @ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)
 class SnapshotActor:
-    def __init__(self, store_url: str, index: IndexClient, in_flight: int):
+    def __init__(self, store_url: str, index: IndexClient, in_flight: int, lock_key: str | None = None):
         self.store = Store.open(store_url)
+        self.lock_key = lock_key
         self.index = index
         self.in_flight = in_flight
         self.done = 0
@@ -274,6 +276,8 @@ class SnapshotActor:
             "read_nodes": sorted(self.read_nodes),
             "seconds": round(seconds, 3),
         }
+        if self.lock_key and not store.backend.exists(self.lock_key):
+            raise LockLost("backup")  # a gc may have gone on without us: refuse to commit
         store.commit_version(vm, version, meta)
         self.phase = "cleanup"
         return meta
@@ -379,9 +383,18 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     -> one dict per job: the version's metadata, or {"vm":..., "error": message}."""
     from .cluster import cluster_cpus, pin_here
 
-    Store.open(store_url)  # a clear error before any actor starts
+    store = Store.open(store_url)  # a clear error before any actor starts
     cpus = cluster_cpus()
     here = pin_here(node_id)
+    # registered before the index and the previous versions are read (see storage/locks.py)
+    lock = store_lock(store.backend, "writer", "backup")
+    try:
+        return _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock)
+    finally:
+        lock.release()
+
+
+def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock):
     # the shards load while the snapshot actors start; their first call waits for them
     index = IndexClient.start(store_url, index_actors or max(1, min(4, cpus // 2)), here, wait=False)
     results: dict[int, dict] = {}
@@ -393,7 +406,8 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
             while queue and len(running) < max(1, parallel):
                 n, (source, vm) = queue.pop(0)
                 version = new_version_id()
-                actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus)
+                actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus,
+                                                                               lock.key)
                 running[actor.run.remote(source, vm, version, full, cbt)] = (n, vm, version, actor)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:

@@ -20,6 +20,7 @@ import ray
 
 from storage.errors import ObjectMissing, StoreError
 from storage.index import h32
+from storage.locks import store_lock
 from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store
 
@@ -123,7 +124,6 @@ def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np
 
 def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[str] | None = None,
               on_progress=None, node_id: str | None = None) -> dict:
-    from .cluster import cluster_cpus
 
     src = Store.open(src_spec)
     dst = open_target(src, dst_spec)
@@ -140,6 +140,17 @@ def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[s
         if not sel:
             raise VaultError(f"no version {versions[0]!r} in {src.url}: see `alike versions`")
         chosen = sel
+    # registered before the target's index is read (see storage/locks.py)
+    lock = store_lock(dst.backend, "writer", "vault")
+    try:
+        return _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock)
+    finally:
+        lock.release()
+
+
+def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
+    from .cluster import cluster_cpus
+
     have = set(dst.list_versions())
     todo = [(vm, v) for vm, v in chosen if (vm, v) not in have]
     report = {"source": src.url, "target": dst.url, "versions_selected": len(chosen),
@@ -211,6 +222,7 @@ def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[s
             skipped.append(f"{vm}@{v}")
             continue
         crash_point("vault-commit")
+        lock.check()
         for d in metas[(vm, v)]["disks"]:
             dst.backend.put(f"versions/{vm}/{v}/{d['manifest']}", src.backend.get(f"versions/{vm}/{v}/{d['manifest']}"))
         dst.commit_version(vm, v, metas[(vm, v)])

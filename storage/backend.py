@@ -43,6 +43,11 @@ class Backend(abc.ABC):
         """Size of every object under prefix (backends with listings that carry sizes override)."""
         return {k: self.size(k) for k in self.list(prefix)}
 
+    def stat_all(self, prefix: str = "") -> dict[str, tuple[int, float]]:
+        """(size, modification time as epoch seconds) of every object under prefix, from one
+        listing where the backend can: garbage collection ages packs by it."""
+        raise NotImplementedError
+
     def local_path(self, key: str) -> str | None:
         """A filesystem path for `key` when the backend is a directory, else None."""
         return None

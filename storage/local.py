@@ -97,6 +97,30 @@ class DirectoryBackend(Backend):
                 out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
         return iter(sorted(out))
 
+    def stat_all(self, prefix: str = "") -> dict[str, tuple[int, float]]:
+        out = {}
+        for key in self.list(prefix):
+            try:
+                st = os.stat(self._path(key))
+            except FileNotFoundError:
+                continue
+            out[key] = (st.st_size, st.st_mtime)
+        return out
+
+    def temp_files(self, prefix: str = "") -> list[tuple[str, float]]:
+        """Leftovers of puts cut short by a crash: (path, mtime)."""
+        base = self._path(prefix) if prefix else self.root
+        out = []
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                if name.startswith(".tmp-"):
+                    path = os.path.join(dirpath, name)
+                    try:
+                        out.append((path, os.stat(path).st_mtime))
+                    except FileNotFoundError:
+                        pass
+        return out
+
     def delete(self, key: str) -> None:
         try:
             os.unlink(self._path(key))

@@ -196,6 +196,17 @@ class S3Backend(Backend):
             raise self._err(e, prefix, "list") from None
         return out
 
+    def stat_all(self, prefix: str = "") -> dict[str, tuple[int, float]]:
+        out = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=self._k(prefix)):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(self.prefix):]] = (int(obj["Size"]), obj["LastModified"].timestamp())
+        except Exception as e:
+            raise self._err(e, prefix, "list") from None
+        return out
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._k(key))

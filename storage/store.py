@@ -207,6 +207,31 @@ class Store:
         except Exception as e:
             raise DamagedData(f"manifest {key} does not parse ({e})") from None
 
+    def delete_version(self, vm: str, version: str) -> None:
+        """Remove a version: version.json first (it vanishes at once and whole), then its manifests.
+        A crash in between leaves manifests that nothing reads; gc removes them."""
+        base = f"versions/{vm}/{version}/"
+        self.backend.delete(base + "version.json")
+        for key in list(self.backend.list(base)):
+            self.backend.delete(key)
+
+    # -- pins: a pinned version is never pruned ----------------------------------------------
+    def pin(self, vm: str, version: str, note: str = "") -> None:
+        self.backend.put(f"pins/{vm}/{version}.json", json.dumps(
+            {"vm": vm, "version": version, "note": note,
+             "pinned": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode())
+
+    def unpin(self, vm: str, version: str) -> None:
+        self.backend.delete(f"pins/{vm}/{version}.json")
+
+    def pins(self) -> set[tuple[str, str]]:
+        out = set()
+        for k in self.backend.list("pins/"):
+            parts = k.split("/")
+            if len(parts) == 3 and parts[2].endswith(".json"):
+                out.add((parts[1], parts[2][:-5]))
+        return out
+
     def commit_version(self, vm: str, version: str, meta: dict) -> None:
         """The last step of a backup: the version becomes visible, atomically."""
         self.backend.put(f"versions/{vm}/{version}/version.json", json.dumps(meta, indent=2).encode())

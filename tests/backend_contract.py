@@ -51,3 +51,15 @@ class BackendContract:
         backend.delete("d")  # a missing key is not an error
         assert not backend.exists("d")
         assert "d" not in list(backend.list(""))
+
+    def test_stat_all_sizes_and_times(self, backend):
+        import time
+
+        before = time.time()
+        backend.put("s/a", b"12345")
+        backend.put("s/b/c", b"")
+        st = backend.stat_all("s/")
+        assert sorted(st) == ["s/a", "s/b/c"]
+        assert st["s/a"][0] == 5 and st["s/b/c"][0] == 0
+        # object stores keep whole seconds; allow for that and a little clock skew
+        assert before - 5 <= st["s/a"][1] <= time.time() + 5

@@ -1,0 +1,188 @@
+"""Locks on a store: who writes, and since when (`locks/` in the layout).
+
+    locks/<kind>-<id>.json   {"id", "kind", "op", "host", "pid", "started", "heartbeat"}
+
+Two kinds:
+- shared ("writer"): backups, vault into the store, prune. Any number at once; they only add
+  objects, or remove version.json files, which never hurts another writer.
+- exclusive ("maintenance"): gc and repair, which rewrite the index. One at a time; a second one
+  fails at once with a message naming the holder, it never waits.
+
+Garbage collection does not exclude writers: it condemns packs first and deletes them only
+once every writer that was registered when the condemnation finished has gone (see
+pipelines/gc.py). So a writer must register its lock *before* it reads the index or the
+previous versions, and must check, just before it commits, that its lock is still there: a
+lock broken as stale means a gc may have moved on without it, and the commit is refused.
+
+A holder refreshes its heartbeat every `HEARTBEAT` seconds from a thread. A lock is stale when
+its heartbeat is older than `STALE` seconds ($ALIKE_LOCK_STALE), or at once when it belongs to
+this host and its process is gone (kill -9). Stale locks are broken, with a message, by
+whoever finds them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+
+from .errors import StoreError
+
+HEARTBEAT = 20.0
+
+
+def stale_after() -> float:
+    return float(os.environ.get("ALIKE_LOCK_STALE", "300"))
+
+
+class LockBusy(StoreError):
+    """{detail}"""
+
+    exit_code = 2
+
+
+class LockLost(StoreError):
+    """The lock of this {detail} on the store was broken as stale (its heartbeat stopped for
+    longer than $ALIKE_LOCK_STALE seconds), so nothing was committed: run it again."""
+
+    exit_code = 1
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    """One lock object. Use `with store_lock(...)`."""
+
+    def __init__(self, backend, kind: str, op: str):
+        self.backend = backend
+        self.kind = kind
+        self.op = op
+        self.id = f"{kind}-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        self.key = f"locks/{self.id}.json"
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = None
+        self.lost = False
+
+    def _body(self) -> bytes:
+        return json.dumps({"id": self.id, "kind": self.kind, "op": self.op, "host": _host(),
+                           "pid": os.getpid(), "started": self.started,
+                           "heartbeat": time.time()}).encode()
+
+    def acquire(self) -> "Lock":
+        self.backend.put(self.key, self._body())
+        if self.kind == "maintenance":
+            # both may have written at once: the older (then smaller id) one wins
+            others = [lk for lk in live_locks(self.backend, "maintenance") if lk["id"] != self.id]
+            older = [lk for lk in others if (lk["started"], lk["id"]) < (self.started, self.id)]
+            if older:
+                self.backend.delete(self.key)
+                raise LockBusy(f"another {describe(older[0])} is running on this store; "
+                               "run this one when it has finished (a lock of a killed process is "
+                               f"broken by itself after {stale_after():.0f} s)")
+        self._thread = threading.Thread(target=self._beat, name=f"alike-lock-{self.op}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(HEARTBEAT, stale_after() / 4)):
+            try:
+                if not self.backend.exists(self.key):
+                    self.lost = True
+                    return
+                self.backend.put(self.key, self._body())
+            except Exception:  # a store that hiccups: try again at the next beat
+                pass
+
+    def check(self) -> None:
+        """Call just before committing: raises LockLost if the lock was broken meanwhile."""
+        if self.lost or not self.backend.exists(self.key):
+            self.lost = True
+            raise LockLost(self.op)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        try:
+            self.backend.delete(self.key)
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def describe(lk: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lk.get("started", 0)))
+    return f"{lk.get('op', '?')} (pid {lk.get('pid')} on {lk.get('host')}, since {when})"
+
+
+def read_locks(backend) -> list[dict]:
+    out = []
+    for key in backend.list("locks/"):
+        if not key.endswith(".json"):
+            continue
+        try:
+            lk = json.loads(backend.get(key))
+            lk["_key"] = key
+            out.append(lk)
+        except Exception:  # vanished between list and get, or a torn leftover
+            continue
+    return out
+
+
+def is_stale(lk: dict, now: float | None = None) -> str | None:
+    """Why `lk` is stale, or None when it is alive."""
+    now = now or time.time()
+    if lk.get("host") == _host() and isinstance(lk.get("pid"), int) and not _pid_alive(lk["pid"]):
+        return "its process is gone"
+    age = now - float(lk.get("heartbeat", 0))
+    if age > stale_after():
+        return f"no heartbeat for {age:.0f} s"
+    return None
+
+
+def _warn(msg: str) -> None:
+    print(f"alike: {msg}", file=sys.stderr)
+
+
+def live_locks(backend, kind: str | None = None, warn=_warn) -> list[dict]:
+    """Locks that are alive; stale ones are broken (deleted) on the way, with a message."""
+    out = []
+    for lk in read_locks(backend):
+        why = is_stale(lk)
+        if why:
+            backend.delete(lk["_key"])
+            if warn:
+                warn(f"broke the stale lock of {describe(lk)}: {why}")
+            continue
+        if kind is None or lk.get("kind") == kind:
+            out.append(lk)
+    return out
+
+
+def store_lock(backend, kind: str, op: str, warn=_warn) -> Lock:
+    """Take a lock: kind 'writer' (shared) or 'maintenance' (exclusive)."""
+    if kind not in ("writer", "maintenance"):
+        raise ValueError(kind)
+    live_locks(backend, warn=warn)  # break stale ones first, saying so
+    return Lock(backend, kind, op).acquire()
