@@ -160,6 +160,69 @@ class Store:
         except Exception as e:
             raise DamagedData(f"index segment {key} does not parse ({e})") from None
 
+    def read_index(self, keys: list[str] | None = None, threads: int = 8):
+        """Every entry of the given segments (default: all) as flat arrays:
+        -> (segment keys read, hashes S32, pack ids (array of str), offsets u64, lengths u64)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = self.segment_keys() if keys is None else keys
+        hs, ps, offs, lens = [np.zeros(0, "S32")], [np.zeros(0, "U32")], [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+        with ThreadPoolExecutor(threads) as pool:
+            for h, (names, idx), o, n in pool.map(self.read_segment, keys):
+                hs.append(h)
+                ps.append(np.asarray(names, dtype="U32")[idx] if len(h) else np.zeros(0, "U32"))
+                offs.append(o.astype(np.uint64))
+                lens.append(n.astype(np.uint64))
+        return keys, np.concatenate(hs), np.concatenate(ps), np.concatenate(offs), np.concatenate(lens)
+
+    def rewrite_index(self, drop_packs=(), drop_entries=None, add=None, on_progress=None) -> dict:
+        """Rewrite the index shard by shard: drop entries of `drop_packs` and the (pack, offset)
+        pairs of `drop_entries`, add the (hashes, packs, offsets, lengths) of `add`, and compact
+        each shard touched into one segment. Hold the maintenance lock (storage/locks.py).
+
+        Crash-safe: a shard's new segment is written before the segments it replaces are
+        deleted; in between both are there, and duplicate entries are harmless. Segments that
+        writers add meanwhile are not read, so never deleted: what they say stays."""
+        drop_packs = np.asarray(sorted(drop_packs), dtype="U32")
+        drop_pairs = set(drop_entries or ())
+        add_h = add[0] if add is not None else np.zeros(0, "S32")
+        add_shards = _index.shard_of(add_h) if len(add_h) else np.zeros(0, np.int64)
+        stats = {"segments_read": 0, "segments_written": 0, "entries_dropped": 0, "entries_added": 0}
+        for shard in range(_index.N_SHARDS):
+            keys = self.segment_keys(shard)
+            m_add = add_shards == shard
+            if not keys and not m_add.any():
+                continue
+            _, h, p, o, n = self.read_index(keys)
+            keep = ~np.isin(p, drop_packs) if len(drop_packs) else np.ones(len(h), bool)
+            if drop_pairs:
+                keep &= np.array([(str(pp), int(oo)) not in drop_pairs for pp, oo in zip(p, o)], dtype=bool)
+            touched = (not keep.all()) or m_add.any() or len(keys) > 1
+            if not touched:
+                continue
+            h, p, o, n = h[keep], p[keep], o[keep], n[keep]
+            stats["entries_dropped"] += int((~keep).sum())
+            if m_add.any():
+                h = np.concatenate([h, add_h[m_add]])
+                p = np.concatenate([p, np.asarray(add[1], dtype="U32")[m_add]])
+                o = np.concatenate([o, np.asarray(add[2], np.uint64)[m_add]])
+                n = np.concatenate([n, np.asarray(add[3], np.uint64)[m_add]])
+                stats["entries_added"] += int(m_add.sum())
+            if len(h):
+                # one entry per (hash, pack, offset)
+                rec = np.rec.fromarrays([h, p, o], names="h,p,o")
+                _, first = np.unique(rec, return_index=True)
+                first.sort()
+                h, p, o, n = h[first], p[first], o[first], n[first]
+                self.backend.put(_index.segment_key(shard), _index.segment_bytes(h, list(p), o, n))
+                stats["segments_written"] += 1
+            for k in keys:
+                self.backend.delete(k)
+            stats["segments_read"] += len(keys)
+            if on_progress:
+                on_progress(shard + 1, _index.N_SHARDS)
+        return stats
+
     # -- versions ---------------------------------------------------------------------------
     def list_vms(self) -> list[str]:
         vms = set()

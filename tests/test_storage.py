@@ -159,3 +159,29 @@ class TestS3Backend(BackendContract):
         backend.put("big", data)
         assert backend.get("big") == data
         assert backend.get_range("big", 9 * 1024 * 1024, 10) == data[9 * 1024 * 1024:9 * 1024 * 1024 + 10]
+
+
+def test_rewrite_index_drops_adds_and_compacts(tmp_path):
+    """The index rewrite that gc and repair use: dropped packs and entries go, added entries
+    come, each shard touched ends as one segment, and segments nobody asked about stay."""
+    import numpy as np
+
+    from storage.store import Store
+
+    st = Store.init(str(tmp_path / "s"))
+    rng = np.random.default_rng(1)
+    h = np.array([rng.bytes(32) for _ in range(300)], dtype="S32")
+    st.write_segments(h[:100], ["a" * 32] * 100, np.arange(100) * 10, [10] * 100)
+    st.write_segments(h[100:200], ["b" * 32] * 100, np.arange(100) * 10, [10] * 100)
+    st.write_segments(h[200:250], ["c" * 32] * 50, np.arange(50) * 10, [10] * 50)
+    before = len(st.segment_keys())
+    stats = st.rewrite_index(drop_packs={"a" * 32}, drop_entries={("b" * 32, 0)},
+                             add=(h[250:], np.array(["d" * 32] * 50), np.arange(50) * 7, np.full(50, 7)))
+    assert stats["entries_dropped"] == 101 and stats["entries_added"] == 50
+    _, h2, p2, o2, n2 = st.read_index()
+    assert len(h2) == 99 + 50 + 50
+    assert not np.isin(h2, h[:100]).any() and not np.isin(h2, h[100:101]).any()
+    assert set(p2) == {"b" * 32, "c" * 32, "d" * 32}
+    got = dict(zip(h2.tolist(), zip(p2.tolist(), o2.tolist())))
+    assert got[h[251]] == ("d" * 32, 7)
+    assert len(st.segment_keys()) <= 16 < before
