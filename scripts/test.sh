@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need=""
-for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup script:util-linux qemu-system-x86_64:qemu-system-x86; do
+for cmd in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sfdisk:fdisk restic:restic borg:borgbackup script:util-linux qemu-system-x86_64:qemu-system-x86 \
+           mkfs.xfs:xfsprogs mkfs.vfat:dosfstools mkntfs:ntfs-3g mcopy:mtools; do
   command -v "${cmd%%:*}" >/dev/null || need="$need ${cmd##*:}"
 done
 # kvm: tests: libvirt and QEMU; libvirt-python (a test dependency) builds against libvirt's headers
