@@ -229,9 +229,50 @@ def cmd_job_run(args) -> int:
                 for r in done:
                     r["vaulted"] = False
                     r["vault_error"] = e.message
+    code = 0 if all("error" not in r for r in results) else 1
+    if job.validate:  # the whole store, the new versions with it (run_verify's one mode)
+        from pipelines.verify import run_verify
+
+        print("validate: verifying the store", file=sys.stderr, flush=True)
+        try:
+            rep = run_verify(spec, on_progress=None, node_id=node)
+            record["validate"] = {"ok": rep["ok"], "versions": rep.get("versions"),
+                                  "blocks_checked": rep.get("blocks_checked"), "problems": rep.get("problems", []),
+                                  "damaged": [f"{b['vm']}@{b['version']} disk {b['disk']}" for b in rep.get("broken", [])]}
+            code = code if rep["ok"] else 3  # damaged data outranks a failed backup (1)
+        except Exception as e:  # could not validate: the run fails, the backups stay
+            record["validate"] = {"ok": False, "error": getattr(e, "message", None) or f"{type(e).__name__}: {e}"}
+            code = max(code, 1)
+    if job.retention:
+        from .commands.prune import prune_store
+
+        names = sorted({r["vm"] for r in results})  # the job's VMs, also those that failed this time
+        record["retention"] = {}
+        for where, policy in job.retention.items():
+            entry = record["retention"][where] = {"policy": policy.to_dict()}
+            if where == "onsite" and "error" not in record.get("validate", {}) and \
+                    not record.get("validate", {}).get("ok", True):
+                entry["skipped"] = "validation found damaged data: older versions may be the intact ones"
+            elif where == "offsite" and not job.vault_to:
+                entry["skipped"] = "the job has no vault_to store"
+            else:
+                try:
+                    if where == "onsite":
+                        target = store
+                    else:
+                        from storage.backend import store_spec
+
+                        target = Store.open(store_spec(job.vault_to, job.vault_endpoint or job.endpoint,
+                                                       job.vault_profile or job.profile))
+                    rep = prune_store(target, policy, names)
+                    entry.update(store=rep["store"], removed=rep["removed"], kept=rep["kept"])
+                except Exception as e:  # reported; the backups stay
+                    entry["error"] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                    code = max(code, 1)
+            print(f"retention {where}: " + jobs.retention_text(entry), file=sys.stderr, flush=True)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "cbt_notes",
             "seconds", "vaulted", "vault_error", "error")
-    record.update(status="ok" if all("error" not in r for r in results) else "failed",
+    record.update(status="ok" if code == 0 else "failed",
                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   seconds=round(time.time() - t0, 3),
                   vms=[{k: r[k] for k in keys if k in r} for r in results])
@@ -241,6 +282,15 @@ def cmd_job_run(args) -> int:
             print(f"alike: error: {r['vm']}: {r['error']}", file=sys.stderr)
         for note in r.get("cbt_notes", []):
             print(f"{r['vm']}: {note}", file=sys.stderr)
+    for where, entry in record.get("retention", {}).items():
+        if "error" in entry:
+            print(f"alike: error: {where} retention failed (the backups are kept): {entry['error']}", file=sys.stderr)
+    val = record.get("validate", {})
+    if "error" in val:
+        print(f"alike: error: validation could not run: {val['error']}", file=sys.stderr)
+    elif val and not val["ok"]:
+        print(f"alike: error: validation found damaged data: {', '.join(val['damaged'] + val['problems'])} "
+              "(run `alike verify`)", file=sys.stderr)
     if args.json:
         out(json.dumps(record))
     else:
@@ -249,7 +299,9 @@ def cmd_job_run(args) -> int:
         for r in record["vms"]:
             out(f"  {r['vm']:<20} " + (f"FAILED: {r['error']}" if "error" in r else
                 f"{r['version']}  read {_h(r['read_bytes'])}, {r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored"))
-    return 0 if record["status"] == "ok" else 1
+        for line in jobs.run_notes(record):
+            out(f"  {line}")
+    return code
 
 
 def cmd_job_history(args) -> int:
@@ -278,6 +330,8 @@ def cmd_job_history(args) -> int:
                 out(f"    {v['vm']}: {v['error']}")
             for note in v.get("cbt_notes", []):
                 out(f"    {v['vm']}: {note}")
+        for line in jobs.run_notes(r):
+            out(f"    {line}")
     return 0
 
 
@@ -448,31 +502,50 @@ def cmd_restore(args) -> int:
 
 def cmd_verify(args) -> int:
     from pipelines.cluster import local_node_id
-    from pipelines.verify import run_verify
+    from pipelines.verify import parse_age, parse_percent, run_verify
     from storage.store import Store
 
     from .config import store_url
 
+    if args.sample and args.older_than:
+        raise StoreError("give --sample or --older-than, not both")
+    sample = parse_percent(args.sample) if args.sample else None
+    older = parse_age(args.older_than) if args.older_than else None
     url = store_url(args)
     Store.open(url)
     _connect(args)
     bar = Progress("verify", unit="pack")
+
+    def rate(nbytes, seconds):
+        if bar and seconds > 0:
+            bar.bar.set_postfix_str(f"{_h(nbytes)} read, {nbytes / 1e6 / seconds:.1f} MB/s", refresh=False)
+
     try:
-        rep = run_verify(url, on_progress=bar, node_id=local_node_id())
+        rep = run_verify(url, on_progress=bar, node_id=local_node_id(), sample=sample, older_than=older,
+                         on_bytes=rate)
     finally:
         bar.close()
     if args.json:
         out(json.dumps(rep))
     else:
-        out(f"checked {rep['blocks_checked']} blocks in {rep['packs_checked']} packs of {rep['versions']} versions")
+        what = {"all": "", "sample": f" (a {sample:g}% sample of the {rep['packs_total']} packs in use)",
+                "older-than": f" (those not validated within {args.older_than}, of {rep['packs_total']} in use)"}
+        out(f"checked {rep['blocks_checked']} blocks in {rep['packs_checked']} packs{what[rep['mode']]} "
+            f"of {rep['versions']} versions: {_h(rep['bytes_read'])} in {rep['seconds']:.1f}s "
+            f"({rep['mb_per_s']:.1f} MB/s)")
         for p in rep["problems"]:
             out(f"  problem: {p}")
         for b in rep["broken"]:
             n = b["damaged_blocks"]
             out(f"  DAMAGED: {b['vm']}@{b['version']} disk {b['disk']}"
                   + (f" ({n} damaged block(s))" if n else " (manifest unreadable)"))
-        out("all versions are intact" if rep["ok"] else
-              f"{len(rep['broken'])} disk(s) of versions are damaged: restore them from another store or back up again")
+        if rep["ok"]:
+            out("all versions are intact" if rep["mode"] == "all" else "every pack checked is intact")
+        else:
+            out(f"{len(rep['broken'])} disk(s) of versions are damaged"
+                + (f", {len(rep['damaged_packs'])} pack(s) and {len(rep['damaged_segments'])} index segment(s) "
+                   "have damage" if rep["damaged_packs"] or rep["damaged_segments"] else "")
+                + ": heal them with `alike repair --from OTHER_STORE`, or back up again")
     return 0 if rep["ok"] else 3
 
 
@@ -573,7 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "is used when only it has the version)")
     sp.add_argument("--address", help="Ray cluster to join")
 
-    sp = add("verify", cmd_verify, "re-read and check every block of every version")
+    sp = add("verify", cmd_verify, "re-read and check every block of every version",
+             "Re-read and re-hash the blocks of every version (default), a random --sample of the packs "
+             "versions use, or the packs not validated --older-than an age. Packs found intact are "
+             "remembered on the store (validation/). Exit 3 when anything is damaged.")
+    sp.add_argument("--sample", metavar="P%", help="check a random P percent of the packs in use, e.g. 5%%")
+    sp.add_argument("--older-than", metavar="AGE",
+                    help="check only packs whose last successful validation is older than AGE "
+                         "(e.g. 30d, 12h, 45m, 2w), or that were never validated")
     sp.add_argument("--address", help="Ray cluster to join")
 
     add("stats", cmd_stats, "logical and stored bytes, dedup ratio, blocks")

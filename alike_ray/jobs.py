@@ -19,10 +19,20 @@
     full = false                             # always full/baseline: no munge cache
     vault_to = "s3://bucket/offsite"         # vault the new versions right after the backup
     vault_endpoint = "http://127.0.0.1:9000"
+    validate = false                         # verify the store after the backups (damaged -> exit 3)
 
-    [retention]                              # kept for the retention issue: onsite/offsite counts
-    onsite = 14
-    offsite = 30
+    [retention.onsite]                       # pruned on the job's store after each run (see `alike prune`)
+    keep_last = 7                            # keep_last, keep_hourly, keep_daily, keep_weekly,
+    keep_daily = 14                          # keep_monthly, keep_yearly: whole numbers >= 0
+    [retention.offsite]                      # pruned on the vault_to store after each run
+    keep_monthly = 12
+    # onsite = 14 / offsite = 30 (plain integers) are shorthand for keep_last
+
+A run backs up, vaults (vault_to), validates (validate), then applies retention to the job's VMs:
+onsite on the job's store, offsite on the vault_to store. Pinned versions and the newest version
+of each VM are always kept; onsite retention is skipped when validation finds damaged data (older
+versions may be the intact ones). A failed prune is recorded and makes the run fail; it never
+undoes the backups.
 
 A VM is taken when it matches any of vms, keyword or tags, and is not excluded. Runs are
 recorded under jobs/<name>/runs/<run id>.json on the job's store.
@@ -43,8 +53,7 @@ SCHEMA = {
          "select": dict, "options": dict, "retention": dict},
     "select": {"vms": list, "keyword": str, "tags": list, "exclude": list},
     "options": {"method": str, "cbt": bool, "memory": bool, "parallel": int, "full": bool,
-                "vault_to": str, "vault_endpoint": str, "vault_profile": str},
-    "retention": {"onsite": int, "offsite": int},
+                "vault_to": str, "vault_endpoint": str, "vault_profile": str, "validate": bool},
 }
 TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", bool: "true or false", int: "an integer"}
 
@@ -73,7 +82,8 @@ class Job:
     vault_to: str | None = None
     vault_endpoint: str | None = None
     vault_profile: str | None = None
-    retention: dict = field(default_factory=dict)
+    validate: bool = False
+    retention: dict = field(default_factory=dict)  # "onsite"/"offsite" -> retention.Policy (only those set)
 
     def selects(self, name: str, tags: list[str]) -> bool:
         if name in self.exclude:
@@ -114,8 +124,9 @@ def load(path: str) -> Job:
     except OSError as e:
         raise JobError(f"cannot read job file {path}: {e.strerror}") from None
     _check(path, "", data)
-    for section in ("select", "options", "retention"):
+    for section in ("select", "options"):
         _check(path, section, data.get(section, {}))
+    retention = _retention(path, data.get("retention", {}))
     if "name" not in data:
         raise JobError(f"{path}: the job has no name: add name = \"...\" at the top")
     if not VM_NAME.match(data["name"]):
@@ -142,9 +153,40 @@ def load(path: str) -> Job:
     return Job(path=path, name=data["name"], sources=sources, store=data.get("store"),
                endpoint=data.get("endpoint"), profile=data.get("profile"),
                vms=sel.get("vms", []), keyword=sel.get("keyword"), tags=sel.get("tags", []),
-               exclude=sel.get("exclude", []), retention=data.get("retention", {}),
+               exclude=sel.get("exclude", []), retention=retention,
                **{k: opt[k] for k in ("method", "cbt", "memory", "parallel", "full", "vault_to",
-                                      "vault_endpoint", "vault_profile") if k in opt})
+                                      "vault_endpoint", "vault_profile", "validate") if k in opt})
+
+
+def _retention(path: str, table: dict) -> dict:
+    """[retention] -> {"onsite"/"offsite": Policy} for the policies that keep something."""
+    from .retention import KEYS, Policy
+
+    out = {}
+    for where, value in table.items():
+        if where not in ("onsite", "offsite"):
+            raise JobError(f"{path}: unknown key {where!r} in [retention] (known: offsite, onsite)")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise JobError(f"{path}: {where} in [retention] must be 0 or more, not {value}")
+            value = {"keep_last": value}  # the older shorthand
+            section = "[retention]"
+        elif isinstance(value, dict):
+            section = f"[retention.{where}]"
+        else:
+            raise JobError(f"{path}: {where} in [retention] must be a table ([retention.{where}] with "
+                           f"keep_last, keep_daily...) or an integer (keep_last), not {value!r}")
+        for key, n in value.items():
+            if key not in KEYS:
+                raise JobError(f"{path}: unknown key {key!r} in {section} (known: {', '.join(KEYS)})")
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise JobError(f"{path}: {key} in {section} must be an integer, not {n!r}")
+            if n < 0:
+                raise JobError(f"{path}: {key} in {section} must be 0 or more, not {n}")
+        policy = Policy(**value)
+        if policy:  # all zeros: no retention, every version stays
+            out[where] = policy
+    return out
 
 
 def select(job: Job, node_id: str | None = None):
@@ -200,3 +242,26 @@ def history(store, job: str | None = None) -> list[dict]:
             except Exception:
                 continue
     return sorted(out, key=lambda r: r.get("run_id", ""), reverse=True)
+
+
+def retention_text(entry: dict) -> str:
+    if "error" in entry:
+        return f"FAILED: {entry['error']}"
+    if "skipped" in entry:
+        return f"skipped: {entry['skipped']}"
+    return (f"removed {len(entry['removed'])} version(s), kept {entry['kept']}"
+            + (f" ({', '.join(entry['removed'])}; `alike gc` reclaims the space)" if entry["removed"] else ""))
+
+
+def run_notes(record: dict) -> list[str]:
+    """What a job run did after its backups (validation, retention), one line each."""
+    lines = []
+    val = record.get("validate")
+    if val:
+        lines.append("validate: " + (f"FAILED: {val['error']}" if "error" in val else
+                                     f"ok, {val['blocks_checked']} blocks of {val['versions']} versions" if val["ok"]
+                                     else f"DAMAGED: {', '.join(val['damaged'] + val['problems'])}"))
+    for where, entry in (record.get("retention") or {}).items():
+        lines.append(f"retention {where}: " + retention_text(entry))
+    return lines
+
