@@ -211,3 +211,42 @@ def test_random_histories_keep_invariants():
         # a bigger policy never keeps less
         bigger = Policy(**{k: v + 1 for k, v in pol.to_dict().items()} | {"keep_last": pol.keep_last + 1})
         assert {d.version for d in ds if d.keep} <= {d.version for d in plan(vs, bigger, pins) if d.keep}
+
+
+# -- retention in job files (alike_ray/jobs.py) -----------------------------------------------
+JOB = 'name = "j"\nsources = ["image:/x"]\n'
+
+
+@pytest.mark.parametrize("text,want", [
+    ("[retention]\nonsite = 3\noffsite = 30\n", {"onsite": {"keep_last": 3}, "offsite": {"keep_last": 30}}),
+    ("[retention.onsite]\nkeep_last = 2\nkeep_daily = 7\n[retention.offsite]\nkeep_monthly = 12\n",
+     {"onsite": {"keep_last": 2, "keep_daily": 7}, "offsite": {"keep_monthly": 12}}),
+    ("[retention.onsite]\nkeep_last = 0\n", {}),  # keeps nothing by rule: no retention at all
+    ("", {}),
+])
+def test_job_retention_tables(tmp_path, text, want):
+    from alike_ray import jobs
+
+    f = tmp_path / "j.toml"
+    f.write_text(JOB + text)
+    job = jobs.load(str(f))
+    assert {k: p.to_dict() for k, p in job.retention.items()} == want and job.validate is False
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[retention.onsite]\nkeep_dayly = 2\n", "unknown key 'keep_dayly' in [retention.onsite]"),
+    ("[retention.offsite]\nkeep_last = \"2\"\n", "keep_last in [retention.offsite] must be an integer"),
+    ("[retention.onsite]\nkeep_weekly = -1\n", "keep_weekly in [retention.onsite] must be 0 or more"),
+    ("[retention]\nonsite = -1\n", "onsite in [retention] must be 0 or more"),
+    ("[retention]\nonsite = true\n", "onsite in [retention] must be a table"),
+    ("[retention]\nlocal = 3\n", "unknown key 'local' in [retention]"),
+    ("[options]\nvalidate = \"yes\"\n", "validate in [options] must be true or false"),
+])
+def test_job_retention_errors(tmp_path, text, words):
+    from alike_ray import jobs
+
+    f = tmp_path / "j.toml"
+    f.write_text(JOB + text)
+    with pytest.raises(jobs.JobError) as e:
+        jobs.load(str(f))
+    assert str(f) in e.value.message and words in e.value.message
