@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from storage.errors import DamagedData, StoreError
 
 CHUNK = 1 << 20
+# what pytsk3 and pyfsxfs raise; pytsk3 wraps an exception of our read() in a RuntimeError
+LIBRARY_ERRORS = (OSError, RuntimeError)
 
 
 class FilesError(StoreError):
@@ -257,7 +259,7 @@ class TskFilesystem(Filesystem):
     def _open(self, path: str):
         try:
             return self.fs.open(path)
-        except OSError as e:
+        except LIBRARY_ERRORS as e:
             if self.disk.failure is not None:
                 self._fail(e, f"read {path}")
             if "not found" in str(e):
@@ -313,7 +315,7 @@ class TskFilesystem(Filesystem):
                 e = self._entry(f, path.rstrip("/") + "/" + name)
                 if e is not None:
                     out.append(e)
-        except OSError as e:
+        except LIBRARY_ERRORS as e:
             self._fail(e, f"list {path}")
         return sorted(out, key=lambda e: e.name)
 
@@ -323,7 +325,7 @@ class TskFilesystem(Filesystem):
         while off < entry.size:
             try:
                 data = f.read_random(off, min(CHUNK, entry.size - off))
-            except OSError as e:
+            except LIBRARY_ERRORS as e:
                 self._fail(e, f"read {entry.path}")
             if not data:
                 raise DamagedFilesystem(f"{self.where}: {entry.path} ends at {off} bytes, its size says {entry.size}")
@@ -344,13 +346,13 @@ class XfsFilesystem(Filesystem):
         self.vol = pyfsxfs.volume()
         try:
             self.vol.open_file_object(self.file)
-        except OSError as e:
+        except LIBRARY_ERRORS as e:
             self._fail(e, "open it")
 
     def _get(self, path: str):
         try:
             fe = self.vol.get_file_entry_by_path(path) if path != "/" else self.vol.get_root_directory()
-        except OSError as e:
+        except LIBRARY_ERRORS as e:
             self._fail(e, f"read {path}")
         if fe is None:
             raise NoSuchPath(f"no {path} in {self.where}")
@@ -375,7 +377,7 @@ class XfsFilesystem(Filesystem):
             for i in range(fe.number_of_sub_file_entries):
                 sub = fe.get_sub_file_entry(i)
                 out.append(self._entry(sub, path.rstrip("/") + "/" + sub.name))
-        except OSError as e:
+        except LIBRARY_ERRORS as e:
             self._fail(e, f"list {path}")
         return sorted(out, key=lambda e: e.name)
 
@@ -385,7 +387,7 @@ class XfsFilesystem(Filesystem):
         while off < entry.size:
             try:
                 data = fe.read_buffer_at_offset(min(CHUNK, entry.size - off), off)
-            except OSError as e:
+            except LIBRARY_ERRORS as e:
                 self._fail(e, f"read {entry.path}")
             if not data:
                 raise DamagedFilesystem(f"{self.where}: {entry.path} ends at {off} bytes, its size says {entry.size}")
@@ -419,7 +421,7 @@ def partitions(disk: Disk) -> list[Partition]:
     img = _image(disk)
     try:
         vs = pytsk3.Volume_Info(img)
-    except OSError:
+    except LIBRARY_ERRORS:
         bad = disk.store_failure()
         if bad is not None:
             raise bad from None
@@ -452,7 +454,7 @@ def _probe(disk: Disk, img, p: Partition):
     pytsk3 = _tsk()
     try:
         fs = pytsk3.FS_Info(img, offset=p.start)
-    except OSError as e:
+    except LIBRARY_ERRORS as e:
         bad = disk.store_failure()
         if bad is not None:
             raise bad from None
