@@ -2,9 +2,11 @@
 
     locks/<kind>-<id>.json   {"id", "kind", "op", "host", "pid", "started", "heartbeat"}
 
-Two kinds:
+Three kinds:
 - shared ("writer"): backups, vault into the store, prune. Any number at once; they only add
   objects, or remove version.json files, which never hurts another writer.
+- shared ("reader"): restore, verify, vault out of the store: a gc deletes no pack they may
+  still read (a repacked one) before they have finished.
 - exclusive ("maintenance"): gc and repair, which rewrite the index. One at a time; a second one
   fails at once with a message naming the holder, it never waits.
 
@@ -182,7 +184,7 @@ def live_locks(backend, kind: str | None = None, warn=_warn) -> list[dict]:
 
 def store_lock(backend, kind: str, op: str, warn=_warn) -> Lock:
     """Take a lock: kind 'writer' (shared) or 'maintenance' (exclusive)."""
-    if kind not in ("writer", "maintenance"):
+    if kind not in ("writer", "reader", "maintenance"):
         raise ValueError(kind)
     live_locks(backend, warn=warn)  # break stale ones first, saying so
     return Lock(backend, kind, op).acquire()
