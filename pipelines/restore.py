@@ -17,6 +17,7 @@ import ray
 
 from storage.errors import DamagedData, ObjectMissing, StoreError, StoreFull
 from storage.index import h32
+from storage.locks import store_lock
 from storage.store import Store
 
 from .faults import crash_point
@@ -153,6 +154,7 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
         if not os.path.isdir(folder):
             raise RestoreError(f"folder {folder} does not exist: create it first")
     here = pin_here(node_id)
+    lock = store_lock(store.backend, "reader", "restore")  # before the index is read
     index = LocalIndex(store_url)
     tmps = [os.path.join(os.path.dirname(os.path.abspath(t)), f".{os.path.basename(t)}.alike-{uuid.uuid4().hex[:8]}")
             for t in targets]
@@ -207,3 +209,4 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
             index.shutdown()
         except Exception:
             pass
+        lock.release()

@@ -143,7 +143,11 @@ def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[s
     # registered before the target's index is read (see storage/locks.py)
     lock = store_lock(dst.backend, "writer", "vault")
     try:
-        return _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock)
+        reader = store_lock(src.backend, "reader", "vault")
+        try:
+            return _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock)
+        finally:
+            reader.release()
     finally:
         lock.release()
 

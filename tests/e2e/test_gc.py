@@ -194,7 +194,7 @@ def test_second_gc_is_refused_and_stale_lock_is_broken(alike, prepared, tmp_path
 
 
 GC_POINTS = (["gc-after-mark", "gc-after-plan", "gc-repack-pack", "gc-after-repack", "gc-after-record"]
-             + [f"gc-index-shard:{n}" for n in (1, 2, 4, 8, 12, 16)]
+             + [f"gc-index-shard:{n}" for n in (1, 2, 3, 4, 6, 8, 10, 12, 14, 16)]
              + ["gc-after-index", "gc-after-condemn", "gc-orphan-folder", "gc-after-wait", "gc-after-rescue",
                 "gc-delete-pack:1", "gc-delete-pack:2", "gc-delete-pack:3"])
 
