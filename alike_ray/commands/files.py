@@ -8,6 +8,7 @@ without root (the library is alike_ray/restore/files.py).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from ..ui import _emit, _h, out
 
@@ -84,15 +85,15 @@ def _parts(args, lib, disk) -> int:
         disks = [disk] + [lib.open_disk(None, f"{disk.vm}@{disk.version}", i, view=disk.view) for i in range(1, n)]
     rows = []
     for d in disks:
-        rows.append({"disk": d.number, "name": d.info.get("name"), "size": d.size,
-                     "partitions": [vars(p) for p in lib.partitions(d)]})
+        rows.append({"disk": d.number, "name": d.name, "size": d.size,
+                     "partitions": [asdict(p) for p in lib.partitions(d)]})
     if args.json:
         out(json.dumps({"vm": disk.vm, "version": disk.version, "disks": rows}))
         return 0
     for r in rows:
-        out(f"{disk.vm}@{disk.version} disk {r['disk']} ({_h(r['size'])})")
+        out(f"{disk.vm}@{disk.version} disk {r['disk']} {r['name']} ({_h(r['size'])})")
         for p in r["partitions"]:
-            what = p["filesystem"] or f"- ({p['found']})"
+            what = p["filesystem"] or f"- {p['found']}"
             desc = f"  {p['description']}" if p["description"] else ""
             out(f"  {p['number']:>3}  {p['scheme']:<4} start {p['start']:>14}  {_h(p['size']):>10}  {what}{desc}")
     return 0

@@ -75,7 +75,6 @@ class Partition:
     filesystem: str | None = None  # ext4, xfs, fat16, ntfs... None when none alike can read
     found: str | None = None  # what is there when it is no readable filesystem
     why: str | None = None  # and what the library said
-    label: str | None = None
 
 
 @dataclass
@@ -102,8 +101,9 @@ class Disk:
     """One disk of one version, read on demand. A failed read is remembered, so that when a
     library turns it into its own error we can still say what really went wrong."""
 
-    def __init__(self, view, vm: str, version: str, number: int, info: dict):
+    def __init__(self, view, vm: str, version: str, number: int, info: dict, name: str = ""):
         self.view, self.vm, self.version, self.number, self.info = view, vm, version, number, info
+        self.name = name  # as `alike mount` shows it
         self.size = int(info["size"])
         self.failure: BaseException | None = None
 
@@ -407,16 +407,21 @@ def open_disk(spec, target: str, disk: int | None = None, view=None) -> Disk:
     if not vm:
         raise FilesError(f"give the VM as VM or VM@VERSION, not {target!r}")
     version = resolve_version(view.store, vm, version or None)
-    disks = list(view._disks(vm, version).values())
+    disks = list(view._disks(vm, version).items())
     n = 0 if disk is None else disk
     if not 0 <= n < len(disks):
         raise FilesError(f"{vm}@{version} has no disk {n}: it has {len(disks)} "
                          f"(use --disk 0{' to ' + str(len(disks) - 1) if len(disks) > 1 else ''})")
-    return Disk(view, vm, version, n, disks[n])
+    return Disk(view, vm, version, n, disks[n][1], name=disks[n][0])
 
 
 def partitions(disk: Disk) -> list[Partition]:
     """The disk's partitions, each with the filesystem found in it (whole disk if no table)."""
+    return [p for p, _ in _scan(disk)]
+
+
+def _scan(disk: Disk) -> list[tuple]:
+    """[(Partition, its open Filesystem, or None, or the DamagedFilesystem it raised)]"""
     pytsk3 = _tsk()
     img = _image(disk)
     try:
@@ -441,12 +446,14 @@ def partitions(disk: Disk) -> list[Partition]:
                 number = int(p.slot_num) + 1
             parts.append(Partition(number, int(p.start) * bsize, int(p.len) * bsize, scheme,
                                    p.desc.decode("utf-8", "replace").strip("\x00 ")))
+    out = []
     for p in parts:
         try:
-            _probe(disk, img, p)
-        except DamagedFilesystem as e:  # listed as found; opening it says the same again
+            out.append((p, _probe(disk, img, p)))
+        except DamagedFilesystem as e:  # listed as found; opening it raises this
             p.filesystem, p.found, p.why = None, "a filesystem that cannot be read", e.detail
-    return parts
+            out.append((p, e))
+    return out
 
 
 def _probe(disk: Disk, img, p: Partition):
@@ -464,7 +471,7 @@ def _probe(disk: Disk, img, p: Partition):
             return XfsFilesystem(disk, p)
         if what is None:
             head = disk.read(p.start, 4096)
-            what = "only zeros" if not head.strip(b"\0") else "no filesystem known to alike"
+            what = "only zeros (an empty or wiped partition)" if not head.strip(b"\0") else "no filesystem known to alike"
         p.found = what
         p.why = str(e).split("error: ")[-1]
         return None
@@ -475,21 +482,21 @@ def _probe(disk: Disk, img, p: Partition):
 
 def filesystem(disk: Disk, number: int | None = None) -> Filesystem:
     """The filesystem of partition `number`; without a number, the only one on the disk."""
-    parts = partitions(disk)
+    scan = _scan(disk)
     if number is None:
-        readable = [p for p in parts if p.filesystem]
+        readable = [(p, fs) for p, fs in scan if isinstance(fs, Filesystem)]
         if len(readable) != 1:
-            listing = ", ".join(f"{p.number}: {p.filesystem or p.found}" for p in parts) or "none"
+            listing = ", ".join(f"{p.number}: {p.filesystem or p.found}" for p, _ in scan) or "none"
             raise FilesError(f"{disk.where} has {len(readable) or 'no'} readable filesystems "
                              f"({listing}): pass --partition N (`alike files {disk.vm}@{disk.version} parts` lists them)")
-        p = readable[0]
-    else:
-        match = [p for p in parts if p.number == number]
-        if not match:
-            have = ", ".join(str(p.number) for p in parts) or "none"
-            raise FilesError(f"{disk.where} has no partition {number} (partitions: {have})")
-        p = match[0]
-    fs = _probe(disk, _image(disk), p)
+        return readable[0][1]
+    match = [(p, fs) for p, fs in scan if p.number == number]
+    if not match:
+        have = ", ".join(str(p.number) for p, _ in scan) or "none"
+        raise FilesError(f"{disk.where} has no partition {number} (partitions: {have})")
+    p, fs = match[0]
+    if isinstance(fs, DamagedFilesystem):
+        raise fs
     if fs is None:
         where = "the whole disk" if p.number == 0 else f"partition {p.number}"
         raise UnreadableFilesystem(f"cannot read files in {disk.where} {where} "
