@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from tests import images
 from tests.conftest import tree_digest
 
 
@@ -102,15 +103,17 @@ def test_prune_dry_run_pins_policy_and_restore(alike, corpus, tmp_path):
     assert ids(alike, store, "web") == [newest] and ids(alike, store, "db") == [db]
 
 
-def test_job_retention_keeps_two_per_vm(alike, corpus, tmp_path):
+def test_job_retention_keeps_two_per_vm(alike, tmp_path):
+    """Small random images: what is checked here is the retention, not the backup."""
     store = tmp_path / "ads"
     alike.json("init", "--store", store)
+    web, db = images.random_image(tmp_path / "web.raw", 2), images.random_image(tmp_path / "db.raw", 1)
     job = tmp_path / "daily.toml"
     job.write_text(f'name = "daily"\nstore = "{store}"\n'
-                   f'sources = [{{uri = "image:{corpus["web"]}", name = "web"}}, '
-                   f'{{uri = "image:{corpus["db"]}", name = "db"}}]\n'
-                   '[options]\nparallel = 2\nvalidate = true\n'
-                   '[retention.onsite]\nkeep_last = 2\n')
+                   f'sources = [{{uri = "image:{web}", name = "web"}}, '
+                   f'{{uri = "image:{db}", name = "db"}}]\n'
+                   f'[options]\nparallel = 2\nvalidate = true\nvault_to = "{tmp_path / "ods"}"\n'
+                   '[retention.onsite]\nkeep_last = 2\n[retention]\noffsite = 1\n')
     runs = []
     for _ in range(3):
         p = alike("job", "run", job, "--json")
@@ -127,6 +130,24 @@ def test_job_retention_keeps_two_per_vm(alike, corpus, tmp_path):
     assert hist[0]["run_id"] == runs[2]["run_id"] and hist[0]["retention"]["onsite"]["kept"] == 4
     text = alike("job", "history", "--store", store).stdout
     assert "retention onsite: removed 2 version(s), kept 4" in text and "validate: ok" in text
+    # offsite retention (the old `offsite = N` shorthand) prunes the vault_to store
+    assert [len(r["retention"]["offsite"]["removed"]) for r in runs] == [0, 2, 2]
+    for vm in ("web", "db"):
+        assert ids(alike, tmp_path / "ods", vm) == made[vm][-1:]
+
+    # a prune that fails is reported, fails the run, and keeps what the run backed up
+    (tmp_path / "not-a-store").write_text("x")
+    job.write_text(job.read_text().replace(str(tmp_path / "ods"), str(tmp_path / "not-a-store")))
+    p = alike("job", "run", job, "--json")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "alike: error: offsite retention failed (the backups are kept)" in p.stderr
+    run = json.loads(p.stdout)
+    assert run["status"] == "failed" and "error" in run["retention"]["offsite"]
+    assert len(run["retention"]["onsite"]["removed"]) == 2  # onsite retention still ran
+    for v in run["vms"]:
+        assert ids(alike, store, v["vm"])[0] == v["version"]
+    text = alike("job", "history", "--store", store).stdout
+    assert "retention offsite: FAILED" in text
 
 
 @pytest.fixture(scope="module")
