@@ -538,6 +538,10 @@ def extract(fs: Filesystem, paths: list[str], dest: str, force: bool = False) ->
         for e in walk(fs, top):
             rel = os.path.relpath(e.path, top.path) if e.path != top.path else ""
             plan.append((e, os.path.normpath(os.path.join(base, rel)) if rel else base))
+    inside = os.path.abspath(dest)
+    for e, t in plan:  # names come from the disk: none may lead out of dest
+        if os.path.commonpath([inside, os.path.abspath(t)]) != inside:
+            raise DamagedFilesystem(f"{fs.where}: the name {e.path!r} would be written outside {dest}")
     locals_ = [t for _, t in plan]
     if len(set(locals_)) != len(locals_):
         raise FilesError("two of the paths land at the same place in --to: extract them one by one")
