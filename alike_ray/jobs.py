@@ -31,8 +31,8 @@
 A run backs up, vaults (vault_to), validates (validate), then applies retention to the job's VMs:
 onsite on the job's store, offsite on the vault_to store. Pinned versions and the newest version
 of each VM are always kept; onsite retention is skipped when validation finds damaged data (older
-versions may be the intact ones). A failed prune is recorded and makes the run fail; it never
-undoes the backups.
+versions may be the intact ones); offsite retention without vault_to is skipped, with a note in
+the run. A failed prune is recorded and makes the run fail; it never undoes the backups.
 
 A VM is taken when it matches any of vms, keyword or tags, and is not excluded. Runs are
 recorded under jobs/<name>/runs/<run id>.json on the job's store.

@@ -186,3 +186,36 @@ def test_bad_input(alike, filled, case):
     errors = [x for x in p.stderr.splitlines() if x.startswith("alike: error:")]
     assert len(errors) == 1 and words in errors[0], p.stderr
     assert tree_digest(store) == before
+
+
+def test_job_validate_finds_damage_and_holds_back_retention(alike, tmp_path):
+    """validate = true: damaged data makes the run exit 3 and onsite retention waits (an older
+    version may be the intact copy)."""
+    import os
+
+    from storage.local import DirectoryBackend
+    from storage.pack import read_footer
+
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    web = images.random_image(tmp_path / "web.raw", 2)
+    job = tmp_path / "j.toml"
+    job.write_text(f'name = "checked"\nstore = "{store}"\nsources = [{{uri = "image:{web}", name = "web"}}]\n'
+                   '[options]\nvalidate = true\n[retention]\nonsite = 1\n')
+    first = alike.json("job", "run", job)
+    assert first["validate"]["ok"] and first["retention"]["onsite"]["removed"] == []
+    pack = next(os.path.join(r, f) for r, _, fs in os.walk(store / "packs") for f in fs)
+    footer = read_footer(DirectoryBackend(str(store)), os.path.basename(pack))
+    off = int(footer["offset"][0]) + int(footer["length"][0]) // 2
+    with open(pack, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x5A]))
+    p = alike("job", "run", job, "--json")
+    assert p.returncode == 3 and "Traceback" not in p.stderr and "validation found damaged data" in p.stderr
+    run = json.loads(p.stdout)
+    assert run["status"] == "failed" and not run["validate"]["ok"] and run["validate"]["damaged"]
+    assert "skipped" in run["retention"]["onsite"]
+    assert len(ids(alike, store, "web")) == 2  # nothing pruned
+    assert "validate: DAMAGED" in alike("job", "history", "--store", store).stdout
