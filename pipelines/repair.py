@@ -1,0 +1,377 @@
+"""Repair: heal a store's damaged or missing blocks, manifests and version.json files from
+another store that shares its hash key (an ADS from its ODS, or an ODS from its ADS).
+
+Under the store's exclusive maintenance lock (storage/locks.py):
+1. Metadata. For each version the other store also holds: a version.json or manifest that is
+   missing or does not parse here, or that disagrees with its version.json, is replaced by the
+   other store's copy when that copy is intact (parses, agrees with its version.json, and
+   names only blocks the other store indexes). A local copy that is intact is never replaced.
+2. Verification: the full `pipelines.verify` scan, which also finds index segments that do
+   not parse and packs with a damaged footer or truncated.
+3. Blocks. Every damaged block, every block in no index segment and every block of a missing
+   pack is fetched by its hash from the other store; the intact blocks of a pack whose footer
+   or tail is damaged are moved too (from the other store, else from the pack itself). Each is
+   decoded and checked against its hash before it is written into new packs here
+   (PackBuilder + Store.put_pack, as vault's copy_packs does).
+4. Index. Damaged segments are deleted (nothing can read them; their blocks were just
+   re-indexed), then `Store.rewrite_index` drops the entries of the damaged copies and of the
+   missing or damaged packs and adds the new copies.
+
+Commit order as everywhere: packs -> index -> manifests were already fixed in step 1, but only
+with intact copies, and a version whose blocks are still missing is reported, not hidden. A
+crash leaves new packs that nothing references (gc removes them) and a repair can simply run
+again. A damaged pack file itself stays where it is: no index entry points at its damaged
+blocks any more, and `alike gc` removes it once nothing references it.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import ray
+
+from storage.errors import DamagedData, ObjectMissing, StoreError
+from storage.index import h32
+from storage.locks import store_lock
+from storage.pack import TARGET_PACK, PackBuilder
+from storage.store import Store
+
+from .verify import load_index, scan_store
+
+
+class RepairRefused(StoreError):
+    """Cannot repair {detail}"""
+
+
+class Unrepairable(StoreError):
+    """{detail}"""
+
+    exit_code = 3
+
+
+def open_pair(store_spec, other_spec) -> tuple[Store, Store]:
+    store, other = Store.open(store_spec), Store.open(other_spec)
+    if store.config.get("store_id") == other.config.get("store_id"):
+        raise RepairRefused(f"{store.url} from {other.url}: they are the same store; give its ADS or ODS with --from")
+    kid, oid = store.config.get("hash_key_id"), other.config.get("hash_key_id")
+    if not kid or kid != oid or store.config.get("hash_key") != other.config.get("hash_key"):
+        raise RepairRefused(
+            f"{store.url} from {other.url}: the stores have different hash keys ({kid} and {oid}), so they "
+            "share no blocks. Repair from the store this one was vaulted to or from")
+    if store.block_size != other.block_size:
+        raise RepairRefused(f"{store.url} from {other.url}: block sizes differ ({store.block_size} and "
+                            f"{other.block_size})")
+    return store, other
+
+
+UNINDEXED = "names blocks that no index segment holds"
+
+
+# -- metadata ----------------------------------------------------------------------------------
+def _meta(raw: bytes) -> dict | None:
+    try:
+        m = json.loads(raw)
+        return m if isinstance(m, dict) and isinstance(m.get("disks"), list) else None
+    except Exception:
+        return None
+
+
+def _manifest_ok(store: Store, vm, v, d: dict, index=None) -> tuple[bool, np.ndarray | None, str]:
+    """-> (intact?, its hashes, why not)."""
+    try:
+        blocks, hashes = store.read_manifest(vm, v, d["manifest"])
+    except StoreError as e:
+        return False, None, e.message
+    if "blocks" in d and int(d["blocks"]) != len(blocks):
+        return False, hashes, f"lists {len(blocks)} blocks, its version.json {d['blocks']}"
+    if index is not None and len(hashes) and not index.lookup(hashes)[0].all():
+        return False, hashes, UNINDEXED
+    return True, hashes, ""
+
+
+def plan_metadata(store: Store, other: Store, other_index, local_index) -> tuple[list, list, list, set]:
+    """-> (copies [(key, why)], hashes the copied manifests use, unrepairable [(what, why)],
+    (vm, version, disk name) whose manifest or version.json is replaced)."""
+    copies, hashes, bad, replaced = [], [], [], set()
+    theirs = set(other.list_versions())
+    for vm, v in store.list_versions():
+        base = f"versions/{vm}/{v}/"
+        mine = None
+        try:
+            mine = _meta(store.backend.get(base + "version.json"))
+        except ObjectMissing:
+            pass
+        if mine is None:
+            other_meta = _meta(other.backend.get(base + "version.json")) if (vm, v) in theirs else None
+            if other_meta is None:
+                bad.append((f"{vm}@{v}", "version.json is damaged and the other store has no intact copy"))
+                continue
+            copies.append((base + "version.json", "version.json damaged"))
+            replaced.add((vm, v, "version.json"))
+            meta, from_other = other_meta, True
+        else:
+            meta, from_other = mine, False
+        for d in meta["disks"]:
+            ok, _, why = _manifest_ok(store, vm, v, d, local_index)
+            readable = ok or why == UNINDEXED  # then the blocks phase fetches what it lacks
+            if ok and not from_other:
+                continue
+            try:  # the same bytes there: a problem of blocks or of our version.json, not of this manifest
+                if store.backend.get(base + d["manifest"]) == other.backend.get(base + d["manifest"]):
+                    continue
+            except ObjectMissing:
+                pass
+            their_ok, their_h, their_why = (_manifest_ok(other, vm, v, d, other_index) if (vm, v) in theirs
+                                            else (False, None, "the other store does not hold this version"))
+            if not their_ok:
+                if readable:
+                    continue
+                bad.append((f"{vm}@{v} disk {d.get('name')}", f"manifest {why}; the other store's: {their_why}"))
+                continue
+            copies.append((base + d["manifest"], f"manifest {why or 'differs from its version.json'}"))
+            replaced.add((vm, v, d.get("name")))
+            hashes.append(their_h)
+    # manifests before version.json: a version never points at a manifest that is not there yet
+    copies.sort(key=lambda c: c[0].endswith("version.json"))
+    return copies, hashes, bad, replaced
+
+
+# -- blocks --------------------------------------------------------------------------------------
+@ray.remote(max_retries=3)
+def fetch_blocks(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np.ndarray, hashes: np.ndarray):
+    """Copy blocks (sorted by source pack and offset) into new packs of the destination, each
+    checked against its hash first. -> (entries (hashes, packs, offsets, lengths), damaged, bytes)."""
+    src, dst = Store.open_cached(src_spec), Store.open_cached(dst_spec)
+    builder = PackBuilder()
+    hs, ps, os_, ls = [], [], [], []
+    damaged = []
+    nbytes = 0
+
+    def flush():
+        nonlocal builder
+        if len(builder):
+            dst.put_pack(builder)
+            for h, o, n, _ in builder.entries:
+                hs.append(h)
+                ps.append(builder.pack_id)
+                os_.append(o)
+                ls.append(n)
+            builder = PackBuilder()
+
+    i, n = 0, len(offs)
+    while i < n:
+        j = i + 1
+        end = int(offs[i] + lens[i])
+        while j < n and packs[j] == packs[i] and int(offs[j]) - end < 1 << 20 and int(offs[j] + lens[j]) - int(offs[i]) < 64 << 20:
+            end = max(end, int(offs[j] + lens[j]))
+            j += 1
+        start = int(offs[i])
+        try:
+            span = src.read_stored(packs[i], start, end - start)
+        except ObjectMissing:  # a missing or truncated pack: try block by block
+            span = None
+        for k in range(i, j):
+            h = h32(hashes[k])
+            try:
+                if span is not None:
+                    o = int(offs[k]) - start
+                    stored = span[o:o + int(lens[k])]
+                else:
+                    stored = src.read_stored(packs[k], int(offs[k]), int(lens[k]))
+                src.codec.decode(stored, h)
+            except StoreError:
+                damaged.append(hashes[k])
+                continue
+            builder.add(h, stored)
+            nbytes += len(stored)
+            if builder.size >= TARGET_PACK:
+                flush()
+        i = j
+    flush()
+    return (np.array(hs, dtype="S32"), ps, np.array(os_, np.uint64), np.array(ls, np.uint64)), \
+        np.array(damaged, dtype="S32"), nbytes
+
+
+def _copy(src_spec, dst_spec, packs, offs, lens, hashes, on_progress=None, done0=0, total=0):
+    """Run fetch_blocks over sorted slices. -> (entries, damaged hashes, bytes)."""
+    from .cluster import cluster_cpus
+
+    order = np.lexsort((offs, packs.astype(str)))
+    packs, offs, lens, hashes = packs[order].astype(str), offs[order], lens[order], hashes[order]
+    refs = []
+    cum = np.cumsum(lens.astype(np.int64))
+    start, in_flight = 0, 2 * cluster_cpus()
+    ents = [[], [], [], []]
+    damaged, nbytes = [np.zeros(0, "S32")], 0
+    done = done0
+
+    def absorb(ref):
+        nonlocal nbytes, done
+        (h, p, o, n), bad, b = ray.get(ref)
+        for lst, x, dt in zip(ents, (h, p, o, n), ("S32", "U32", np.uint64, np.uint64)):
+            lst.append(np.asarray(x, dtype=dt))
+        damaged.append(bad)
+        nbytes += b
+        done += len(h) + len(bad)
+        if on_progress:
+            on_progress(done, total)
+
+    try:
+        while start < len(hashes):
+            base = cum[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(cum, base + 128 * 1024 * 1024, side="right")))
+            if len(refs) >= in_flight:
+                ready, refs = ray.wait(refs, num_returns=1)
+                absorb(ready[0])
+            refs.append(fetch_blocks.remote(src_spec, dst_spec, packs[start:stop], offs[start:stop],
+                                            lens[start:stop], hashes[start:stop]))
+            start = stop
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            absorb(ready[0])
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, StoreError):
+            raise cause from None
+        raise
+    entries = (np.concatenate(ents[0] + [np.zeros(0, "S32")]),
+               np.concatenate(ents[1] + [np.zeros(0, "U32")]).astype("U32"),
+               np.concatenate(ents[2] + [np.zeros(0, np.uint64)]),
+               np.concatenate(ents[3] + [np.zeros(0, np.uint64)]))
+    return entries, np.unique(np.concatenate(damaged)), nbytes
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run_repair(store_spec, other_spec, dry_run: bool = False, on_progress=None, on_phase=None) -> dict:
+    store, other = open_pair(store_spec, other_spec)
+    lock = None if dry_run else store_lock(store.backend, "maintenance", "repair")
+    try:
+        return _run(store_spec, other_spec, store, other, dry_run, on_progress, on_phase or (lambda s: None))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase) -> dict:
+    t0 = time.monotonic()
+    rep = {"store": store.url, "from": other.url, "dry_run": dry_run, "ok": True,
+           "metadata_copied": [], "blocks_fetched": 0, "bytes_fetched": 0, "blocks_moved_locally": 0,
+           "segments_removed": [], "packs_dropped": [], "entries_dropped": 0, "unrepairable": [],
+           "broken_before": [], "problems_before": []}
+    phase("loading both indexes")
+    other_index = load_index(other)
+    local_index = load_index(store)
+    phase("checking version.json files and manifests")
+    copies, meta_hashes, meta_bad, replaced = plan_metadata(store, other, other_index, local_index)
+    for key, why in copies:
+        rep["metadata_copied"].append({"key": key, "why": why})
+        if not dry_run:
+            store.backend.put(key, other.backend.get(key))
+    rep["unrepairable"] += [{"what": w, "why": y} for w, y in meta_bad]
+
+    phase("verifying every block")
+    scan = scan_store(store_spec, on_progress)
+    from .verify import report
+
+    before = report(scan)
+    rep["broken_before"] = before["broken"]
+    rep["problems_before"] = before["problems"]
+    bad = scan.bad_hashes()
+    if dry_run and replaced:  # what only the manifests to be replaced name is not needed
+        kept = [h for vm, v, disk, h in scan.disks
+                if h is not None and (vm, v, disk) not in replaced and (vm, v, "version.json") not in replaced]
+        bad = bad[np.isin(bad, np.concatenate(kept + [np.zeros(0, "S32")]))]
+    extra = np.unique(np.concatenate(meta_hashes + [np.zeros(0, "S32")]))
+    if len(extra):  # blocks that replaced manifests name and that this store lacks
+        extra = extra[~local_index.lookup(extra)[0]]
+    need = np.unique(np.concatenate([bad, extra]))
+    # intact blocks of packs with a damaged footer or tail: moved so the pack can be dropped
+    move = {}
+    for p in scan.damaged_packs:
+        h, o, n = scan.pack_refs[p]
+        keep = ~np.isin(h, need)
+        for hh, oo, nn in zip(h[keep], o[keep], n[keep]):
+            move[h32(hh)] = (p, int(oo), int(nn))
+    move_h = np.array(list(move), dtype="S32")
+    want = np.unique(np.concatenate([need, move_h]))
+
+    found, opacks, ooff, olen = other_index.locate(want)
+    opacks = np.array([p or "" for p in opacks], dtype=object)
+    rep["blocks_to_fetch"] = int(found.sum())
+    rep["bytes_to_fetch"] = int(olen[found].astype(np.int64).sum())
+    if dry_run:
+        rep["would_fetch_packs"] = sorted(set(opacks[found].astype(str)))
+        rep["would_remove_segments"] = sorted(scan.damaged_segments)
+        rep["would_drop_packs"] = sorted(scan.missing_packs | set(scan.damaged_packs))
+        lacking = want[~found & np.isin(want, need)]
+        rep["unrepairable_blocks"] = int(len(lacking))
+        if len(lacking):
+            rep["unrepairable"] += _disks_of(scan, lacking, "the other store does not hold these blocks")
+        rep["ok"] = not rep["unrepairable"]
+        rep["seconds"] = round(time.monotonic() - t0, 3)
+        return rep
+
+    phase("fetching blocks from the other store")
+    total = len(want)
+    entries, damaged_there, nbytes = _copy(other_spec, store_spec, opacks[found], ooff[found], olen[found],
+                                           want[found], on_progress, 0, total)
+    rep["blocks_fetched"] = int(len(entries[0]))
+    rep["bytes_fetched"] = int(nbytes)
+    got = entries[0]
+    # blocks to move that the other store lacks or holds damaged: from the damaged pack itself
+    left_move = move_h[~np.isin(move_h, got)] if len(move_h) else move_h
+    local_entries = None
+    if len(left_move):
+        lp = np.array([move[h32(h)][0] for h in left_move], dtype=object)
+        lo = np.array([move[h32(h)][1] for h in left_move], np.uint64)
+        ln = np.array([move[h32(h)][2] for h in left_move], np.uint64)
+        local_entries, _, _ = _copy(store_spec, store_spec, lp, lo, ln, left_move)
+        rep["blocks_moved_locally"] = int(len(local_entries[0]))
+        got = np.concatenate([got, local_entries[0]])
+    lacking = need[~np.isin(need, got)] if len(need) else need
+    if len(lacking):
+        in_other = found[np.searchsorted(want, lacking)]
+        rep["unrepairable"] += _disks_of(scan, lacking[~in_other], "the other store does not hold these blocks")
+        rep["unrepairable"] += _disks_of(scan, lacking[in_other], "damaged in the other store too")
+    moved_all = set(h32(h) for h in got)
+    drop_packs = set(scan.missing_packs)
+    for p in scan.damaged_packs:
+        h = scan.pack_refs[p][0]
+        if all(h32(x) in moved_all for x in h):
+            drop_packs.add(p)
+    drop_entries = {scan.bad_entries[h32(h)] for h in got if h32(h) in scan.bad_entries}
+    add = entries
+    if local_entries is not None:
+        add = tuple(np.concatenate([a, b]) for a, b in zip(entries, local_entries))
+        add = (add[0], add[1].astype("U32"), add[2], add[3])
+
+    phase("rewriting the index")
+    for key in scan.damaged_segments:  # nothing can read them, and rewrite_index must
+        store.backend.delete(key)
+        rep["segments_removed"].append(key)
+    if len(add[0]) or drop_packs or drop_entries or scan.damaged_segments:
+        stats = store.rewrite_index(drop_packs=drop_packs, drop_entries=drop_entries,
+                                    add=add if len(add[0]) else None)
+        rep["entries_dropped"] = stats["entries_dropped"]
+    rep["packs_dropped"] = sorted(drop_packs)
+    # left in place: no index entry points at their damaged blocks now; gc removes them
+    rep["damaged_packs_left"] = sorted(set(scan.damaged_packs) | {p for p, _ in scan.bad_entries.values()})
+    rep["ok"] = not rep["unrepairable"]
+    rep["seconds"] = round(time.monotonic() - t0, 3)
+    return rep
+
+
+def _disks_of(scan, hashes: np.ndarray, why: str) -> list[dict]:
+    out = []
+    if not len(hashes):
+        return out
+    for vm, v, disk, hs in scan.disks:
+        if hs is None:
+            continue
+        n = int(np.isin(hs, hashes).sum())
+        if n:
+            out.append({"what": f"{vm}@{v} disk {disk}", "why": f"{n} block(s): {why}"})
+    if not out:
+        out.append({"what": f"{len(hashes)} block(s)", "why": why})
+    return out
