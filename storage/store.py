@@ -270,11 +270,14 @@ class Store:
         except Exception as e:
             raise DamagedData(f"manifest {key} does not parse ({e})") from None
 
-    def delete_version(self, vm: str, version: str) -> None:
+    def delete_version(self, vm: str, version: str, between=None) -> None:
         """Remove a version: version.json first (it vanishes at once and whole), then its manifests.
-        A crash in between leaves manifests that nothing reads; gc removes them."""
+        A crash in between leaves manifests that nothing reads; gc removes them. `between()` is
+        called in between (the crash tests stop there)."""
         base = f"versions/{vm}/{version}/"
         self.backend.delete(base + "version.json")
+        if between:
+            between()
         for key in list(self.backend.list(base)):
             self.backend.delete(key)
 

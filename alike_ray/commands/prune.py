@@ -48,11 +48,14 @@ def prune_store(store, policy, vms=None, dry_run: bool = False, progress=None) -
     """Apply `policy` to `vms` (default: every VM) of `store` under a shared writer lock.
     -> {"store", "policy", "dry_run", "vms": [{"vm", "versions": [decision...], "removed", "kept"}],
         "removed": [vm@version...], "kept": n}. Used by `alike prune` and by job runs."""
+    from pipelines.faults import crash_point
     from storage.locks import store_lock
 
     from ..retention import plan
 
     lock = None if dry_run else store_lock(store.backend, "writer", "prune")
+    if lock is not None:
+        crash_point("prune-locked")
     try:
         pins = store.pins()
         have = store.list_vms()
@@ -60,6 +63,7 @@ def prune_store(store, policy, vms=None, dry_run: bool = False, progress=None) -
         rep = {"store": store.url, "policy": policy.to_dict(), "dry_run": dry_run, "vms": [], "removed": [],
                "kept": 0}
         for vm in todo:
+            crash_point("prune-vm")
             if progress:
                 progress(f"{vm}: deciding")
             ids = [v for _, v in store.list_versions(vm)]
@@ -81,7 +85,9 @@ def prune_store(store, policy, vms=None, dry_run: bool = False, progress=None) -
                         row["kept"] += 1
                         row["versions"][decisions.index(d)].update(keep=True, reasons=["pinned"])
                         continue
-                    store.delete_version(vm, d.version)
+                    crash_point("prune-removing")
+                    store.delete_version(vm, d.version, between=lambda: crash_point("prune-version-json"))
+                    crash_point("prune-removed")
                 row["removed"] += 1
                 rep["removed"].append(f"{vm}@{d.version}")
             rep["kept"] += row["kept"]
