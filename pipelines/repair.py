@@ -247,13 +247,13 @@ def run_repair(store_spec, other_spec, dry_run: bool = False, on_progress=None, 
     store, other = open_pair(store_spec, other_spec)
     lock = None if dry_run else store_lock(store.backend, "maintenance", "repair")
     try:
-        return _run(store_spec, other_spec, store, other, dry_run, on_progress, on_phase or (lambda s: None))
+        return _run(store_spec, other_spec, store, other, dry_run, on_progress, on_phase or (lambda s: None), lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase) -> dict:
+def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase, lock) -> dict:
     t0 = time.monotonic()
     rep = {"store": store.url, "from": other.url, "dry_run": dry_run, "ok": True,
            "metadata_copied": [], "blocks_fetched": 0, "bytes_fetched": 0, "blocks_moved_locally": 0,
@@ -267,6 +267,7 @@ def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase) -> d
     for key, why in copies:
         rep["metadata_copied"].append({"key": key, "why": why})
         if not dry_run:
+            lock.check()
             store.backend.put(key, other.backend.get(key))
     rep["unrepairable"] += [{"what": w, "why": y} for w, y in meta_bad]
 
@@ -347,6 +348,7 @@ def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase) -> d
         add = (add[0], add[1].astype("U32"), add[2], add[3])
 
     phase("rewriting the index")
+    lock.check()  # broken as stale meanwhile: another maintenance job may be running now
     for key in scan.damaged_segments:  # nothing can read them, and rewrite_index must
         store.backend.delete(key)
         rep["segments_removed"].append(key)
