@@ -401,6 +401,21 @@ def medians(results: list) -> dict:
     return med
 
 
+def run_ratios(results: list, peer: str) -> list:
+    """alike MB/s / peer MB/s of the FUSE read, per run (both from the same run)."""
+    out = []
+    for r in sorted({x["run"] for x in results}):
+        a = [x for x in results if x["run"] == r and x["tool"] == "alike" and x["step"] == "fuse-read"]
+        p = [x for x in results if x["run"] == r and x["tool"] == peer and x["step"] == "fuse-read"]
+        if a and p:
+            out.append(a[0]["mb_s"] / p[0]["mb_s"])
+    return out
+
+
+def fmt_small(n) -> str:
+    return f"{n:,} B" if n < 100_000 else bench.fmt_bytes(n)
+
+
 def report(d: dict) -> str:
     meta, med, results = d["meta"], d["medians"], d["results"]
     L = [BEGIN, "", "# restore without restoring: FUSE sequential read and instant VM", ""]
@@ -415,13 +430,20 @@ def report(d: dict) -> str:
              "`borg mount REPO::vm1-day2 MNT`), page cache dropped, then timed `dd if=FILE of=/dev/null bs=4M` "
              "of the whole file (%s); mount start-up not included. sha256 of what was read checked against "
              "vm1-day2.raw's: %s. **MB/s** = 10^6 bytes / s; **alike/peer** = alike MB/s / peer MB/s "
-             "(>1 = alike faster)." % (bench.fmt_bytes(meta["disk_bytes"]), meta["verified"]))
+             "(>1 = alike faster): the median of the per-run ratios (each from one run), the runs' ratios in "
+             "brackets." % (bench.fmt_bytes(meta["disk_bytes"]), meta["verified"]))
+    if meta.get("loadavg") or meta.get("note"):
+        la = meta.get("loadavg") or {}
+        L.append("- machine load (other test runs on the same 2 cores): "
+                 + "; ".join([f"{k} {v}" for k, v in la.items()] + ([meta["note"]] if meta.get("note") else []))
+                 + ".")
     L.append("- **instant VM** (alike only: restic and borg have no such command): page cache dropped, then "
              "timed from starting `alike instant --store S VM --name N` until it exits 0 (it returns once QEMU's "
              "block statistics show reads of the disk) and its QEMU process is alive in /proc with read I/O "
-             "(`/proc/PID/io` rchar > 0); then `alike instant --stop N`. QEMU %s (KVM when /dev/kvm is usable). "
+             "(`/proc/PID/io` rchar > 0); then `alike instant --stop N`. instant.py runs QEMU with `accel=kvm:tcg` when "
+             "/dev/kvm is usable (here: %s, nested in a VM). "
              "`vm1big`: a sparse 20 GiB raw file with vm1-day2.raw's 2 GiB at its start, backed up as its own VM."
-             % meta.get("accel", "?"))
+             % {"kvm": "yes, KVM", "tcg": "no, TCG"}.get(meta.get("accel"), "?"))
     L.append("")
     L.append("| FUSE sequential read of the day-2 disk | seconds | MB/s | alike/peer | mount up (s) |")
     L.append("|---|---:|---:|---:|---:|")
@@ -430,7 +452,8 @@ def report(d: dict) -> str:
         m = med.get(f"{t}/fuse-read")
         if not m:
             continue
-        ratio = f"{a['mb_s'] / m['mb_s']:.2f}x" if a and t != "alike" else "-"
+        rs = run_ratios(results, t) if t != "alike" else []
+        ratio = f"{statistics.median(rs):.2f}x ({', '.join(f'{x:.2f}' for x in rs)})" if rs else "-"
         L.append(f"| {t} | {m['seconds']:.2f} | {m['mb_s']:.0f} | {ratio} | {m.get('mount_ready_seconds', 0):.2f} |")
     L.append("")
     L.append("| instant VM | disk size | seconds to running | alike's own | QEMU read (blockstats) | "
@@ -445,7 +468,7 @@ def report(d: dict) -> str:
         if not m:
             continue
         own = f"{m['own_seconds']:.2f}" if m.get("own_seconds") is not None else "-"
-        rd = bench.fmt_bytes(m["blockstats_rd_bytes"]) if m.get("blockstats_rd_bytes") is not None else "-"
+        rd = fmt_small(int(m["blockstats_rd_bytes"])) if m.get("blockstats_rd_bytes") is not None else "-"
         L.append(f"| {label} | {size / 2**30:.0f} GiB | {m['seconds']:.2f} | {own} | {rd} | "
                  f"{'yes' if m['seconds'] < INSTANT_TARGET else 'NO'} |")
     for accel in ("kvm", "tcg"):
@@ -540,6 +563,7 @@ def main(argv=None):
     if a.big and "alike" in tools:
         make_big(images["vm1-day2"], images["vm1big"])
     disk_bytes = os.path.getsize(images["vm1-day2"])
+    load_start = "%.1f %.1f %.1f" % os.getloadavg()
     ref = ref_sha256(images["vm1-day2"], a.work)
     log(f"vm1-day2.raw sha256 {ref[:16]}...")
 
@@ -622,7 +646,9 @@ def main(argv=None):
                 runs=a.runs, block_size=a.block_size, versions=bench.versions() + "; " + _qemu_version(),
                 disk_bytes=disk_bytes, big_bytes=BIG if a.big else None, accel=accel, ref_sha256=ref,
                 verified=", ".join(verified) or "no", backup_seconds_median=bmed,
-                total_seconds=round(time.time() - t_start, 1))
+                total_seconds=round(time.time() - t_start, 1),
+                loadavg={"load average (1/5/15 min) at the start": load_start,
+                         "at the end": "%.1f %.1f %.1f" % os.getloadavg()})
     d = dict(meta=meta, medians=medians(results), results=results, backups=backups)
     os.makedirs(a.results, exist_ok=True)
     with open(js_path + ".tmp", "w") as f:
