@@ -81,5 +81,5 @@ def _h(n) -> str:
 def _connect(args) -> None:
     from pipelines.cluster import connect
 
-    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG") if k in os.environ}
+    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG", "ALIKE_PACK_TARGET") if k in os.environ}
     connect(args.address, env or None)

@@ -152,6 +152,7 @@ class SnapshotActor:
         try:
             self.phase = "snapshot"
             snap = source.snapshot(vm)
+            crash_point("after-snapshot")
             return self._run(snap, vm, version, full, t0)
         except StoreError:
             raise
@@ -171,11 +172,14 @@ class SnapshotActor:
 
     # -- the munge --------------------------------------------------------------------------
     def _previous(self, vm: str):
-        versions = self.store.list_versions(vm)
-        if not versions:
-            return None
-        v = versions[-1][1]
-        return v, self.store.read_version(vm, v)
+        """The newest version of `vm` whose metadata reads: the munge cache. A version pruned
+        while we look is passed over."""
+        for _, v in reversed(self.store.list_versions(vm)):
+            try:
+                return v, self.store.read_version(vm, v)
+            except StoreError:
+                continue
+        return None
 
     def _run(self, snap, vm, version, full, t0) -> dict:
         store, bs, codec = self.store, self.store.block_size, self.store.codec
@@ -201,9 +205,14 @@ class SnapshotActor:
             # the same disk of the previous version: by name, else by position
             pd = prev_disks.get(disk.name) or (prev_list[dno] if dno < len(prev_list) else None)
             if pd is not None:
-                pb, ph = store.read_manifest(vm, prev[0], pd["manifest"])
+                try:
+                    pb, ph = store.read_manifest(vm, prev[0], pd["manifest"])
+                except StoreError:  # pruned meanwhile, or damaged: no munge cache for this disk
+                    pd = None
+                    pb, ph = np.zeros(0, np.uint64), EMPTY
                 keep = pb < nblocks
                 prev_hash[pb[keep].astype(np.int64)] = ph[keep]
+            crash_point("after-previous")
             blocks_out = [np.zeros(0, np.uint64)]
             hashes_out = [EMPTY]
             changed = None
@@ -245,10 +254,12 @@ class SnapshotActor:
                 ready, refs = ray.wait(refs, num_returns=1)
                 self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats)
             manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out)))
+            crash_point("disk-done")
             disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
         self._flush(stats, wait=True)
         self.phase = "metadata commit"
         borrowed = self._settle(snap, manifests, stats)
+        crash_point("after-settle")
         # commit order: packs (done) -> index segments -> manifests -> version.json
         crash_point("before-segments")
         entries = self.own + [borrowed]
@@ -260,6 +271,7 @@ class SnapshotActor:
         crash_point("before-manifests")
         for n, (blocks, hashes) in enumerate(manifests):
             disks_meta[n]["manifest"] = store.write_manifest(vm, version, n, blocks, hashes)
+            crash_point("manifest")
             disks_meta[n]["blocks"] = int(len(blocks))
         crash_point("before-version")
         logical = int(sum(d.size for d in snap.disks))
@@ -278,11 +290,14 @@ class SnapshotActor:
         }
         if self.lock_key and not store.backend.exists(self.lock_key):
             raise LockLost("backup")  # a gc may have gone on without us: refuse to commit
+        crash_point("before-commit")
         store.commit_version(vm, version, meta)
+        crash_point("after-version")
         self.phase = "cleanup"
         return meta
 
     def _absorb(self, r: dict, blocks_out, hashes_out, stats) -> None:
+        crash_point("absorbed")
         blocks_out.append(r["blocks"])
         hashes_out.append(r["hashes"])
         for k in ("read_bytes", "zero_blocks", "cache_hits"):
@@ -388,6 +403,7 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     here = pin_here(node_id)
     # registered before the index and the previous versions are read (see storage/locks.py)
     lock = store_lock(store.backend, "writer", "backup")
+    crash_point("backup-locked")
     try:
         return _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock)
     finally:
@@ -409,6 +425,7 @@ def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here
                 actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus,
                                                                                lock.key)
                 running[actor.run.remote(source, vm, version, full, cbt)] = (n, vm, version, actor)
+                crash_point("backup-dispatched")
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:
                 n, vm, version, actor = running.pop(ref)
@@ -438,6 +455,7 @@ def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here
                             _report_phases(on_vm, r[1], p, reported)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     pass  # a dying actor: its run's result tells what happened
+        crash_point("backup-result")
     finally:
         index.shutdown()
     return [results[n] for n in range(len(jobs))]

@@ -15,6 +15,8 @@ import ray
 from storage.index import N_SHARDS, CompactIndex, h32, shard_of
 from storage.store import Store
 
+from .faults import crash_point
+
 NEW, DURABLE, PENDING = 0, 1, 2
 
 
@@ -34,6 +36,7 @@ class IndexShard:
         self.index = CompactIndex()
         self.claims: dict[bytes, str] = {}
         load_segments(store, [k for s in shards for k in store.segment_keys(s)], self.index)
+        crash_point("index-loaded")
 
     def ready(self) -> int:
         return len(self.index)
@@ -121,7 +124,11 @@ class IndexClient:
         ray.get([self.actors[a].commit.remote(hashes[idx], pack, offsets[idx], lengths[idx]) for a, idx in parts])
 
     def release(self, owner: str) -> None:
-        ray.get([a.release.remote(owner) for a in self.actors])
+        for ref in [a.release.remote(owner) for a in self.actors]:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:  # a dead shard holds no claims any more
+                pass
 
     def locate(self, hashes: np.ndarray):
         n = len(hashes)

@@ -73,6 +73,7 @@ def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np
     """Copy blocks (sorted by source pack and offset) into new target packs, then index them.
     -> (blocks copied, stored bytes copied, damaged hashes)."""
     src, dst = Store.open_cached(src_spec), Store.open_cached(dst_spec)
+    crash_point("vault-task")
     codec = src.codec
     builder = PackBuilder()
     written = []  # (hash, pack, off, len)
@@ -119,6 +120,7 @@ def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np
     if written:
         dst.write_segments(np.array([w[0] for w in written], dtype="S32"), [w[1] for w in written],
                            [w[2] for w in written], [w[3] for w in written])
+        crash_point("vault-segments")
     return len(written), nbytes, np.array(damaged, dtype="S32")
 
 
@@ -142,6 +144,7 @@ def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[s
         chosen = sel
     # registered before the target's index is read (see storage/locks.py)
     lock = store_lock(dst.backend, "writer", "vault")
+    crash_point("vault-locked")
     try:
         reader = store_lock(src.backend, "reader", "vault")
         try:
@@ -173,6 +176,7 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
     finally:
         dst_index.shutdown()
     need = allh[~have_h]
+    crash_point("vault-planned")
     src_index = LocalIndex(src_spec)
     try:
         found, packs, off, ln, _ = src_index.locate(need)
@@ -219,6 +223,10 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
         if isinstance(cause, StoreError):
             raise cause from None
         raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as e:
+        raise VaultError(
+            f"a copy task's worker died more often than it is retried ({type(e).__name__}); the versions "
+            "copied so far are whole, nothing partial was committed: run the vault again to go on") from None
     bad = np.unique(np.concatenate(damaged))
     skipped = []
     for (vm, v), hs in manifests.items():
@@ -229,7 +237,9 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
         lock.check()
         for d in metas[(vm, v)]["disks"]:
             dst.backend.put(f"versions/{vm}/{v}/{d['manifest']}", src.backend.get(f"versions/{vm}/{v}/{d['manifest']}"))
+            crash_point("vault-manifest")
         dst.commit_version(vm, v, metas[(vm, v)])
+        crash_point("vault-committed")
         report["versions_copied"] += 1
     report["damaged_blocks"] = int(len(bad))
     report["versions_skipped"] = skipped

@@ -9,6 +9,7 @@ from the pack alone.
 """
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 import zlib
@@ -21,7 +22,9 @@ MAGIC = b"ALKPACK1"
 TRAILER_MAGIC = b"ALKFOOT1"
 TRAILER = struct.Struct("<II8s")
 FOOTER_DTYPE = np.dtype([("hash", "S32"), ("offset", "<u8"), ("length", "<u4"), ("crc", "<u4")])
-TARGET_PACK = 32 * 1024 * 1024  # flush at this size: packs land between 16 and 64 MiB
+# flush at this size: packs land between 16 and 64 MiB. $ALIKE_PACK_TARGET (bytes) changes it,
+# for tests that need many packs from little data.
+TARGET_PACK = int(os.environ.get("ALIKE_PACK_TARGET") or 32 * 1024 * 1024)
 
 
 def new_pack_id() -> str:
