@@ -55,12 +55,17 @@ class GCWaitTimeout(StoreError):
 
 
 def _mark(store: Store, versions: list[tuple[str, str]], threads: int = 8) -> tuple[np.ndarray, list[str]]:
-    """-> (sorted distinct hashes used by `versions`, problems). A version whose manifests
-    cannot be read stops the gc: its blocks would look unused."""
+    """-> sorted distinct hashes used by `versions`. A version whose manifests cannot be read
+    stops the gc (its blocks would look unused), unless it was pruned meanwhile."""
     def one(vv):
         vm, v = vv
-        meta = store.read_version(vm, v)
-        return [store.read_manifest(vm, v, d["manifest"])[1] for d in meta["disks"]]
+        try:
+            meta = store.read_version(vm, v)
+            return [store.read_manifest(vm, v, d["manifest"])[1] for d in meta["disks"]]
+        except ObjectMissing:
+            if not store.backend.exists(f"versions/{vm}/{v}/version.json"):
+                return []  # pruned while we read: its blocks are free to go
+            raise
 
     parts = [np.zeros(0, "S32")]
     with ThreadPoolExecutor(threads) as pool:
