@@ -115,7 +115,11 @@ def plan(store: Store, index: IndexClient, vm: str, version: str, disks: list[in
     parts = []
     for pos, n in enumerate(disks):
         d = meta["disks"][n]
-        b, h = store.read_manifest(vm, version, d["manifest"])
+        try:
+            b, h = store.read_manifest(vm, version, d["manifest"])
+        except ObjectMissing:  # version.json says it is there: the version is damaged
+            raise DamagedData(f"the manifest of {vm}@{version} disk {d.get('name', n)} is missing "
+                              "(restore it with `alike repair --from` the other store)") from None
         parts.append((np.full(len(b), pos, np.int32), b, h))
     disks = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     blocks = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)

@@ -306,10 +306,9 @@ def test_corruption_found_refused_repaired(base, tmp_path, damaged, other, kind)
     for vm, v in sorted(broken)[:1]:
         to = tmp_path / "refused.raw"
         code, _, err = run("restore", *sa, f"{vm}@{v}", "--to", to)
-        if kind == "manifest:delete":  # restore reports a missing object as bad input (2) today
-            assert code in (2, 3) and "missing" in err, (code, err)
-        else:
-            assert code == 3, (code, err)
+        assert code == 3, (code, err)
+        if kind == "manifest:delete":
+            assert "manifest" in err and "missing" in err, err
         assert "Traceback" not in err and err.strip().startswith("alike: error:")
         assert not to.exists() and not [f for f in os.listdir(tmp_path) if f.startswith("refused")]
 
