@@ -1,19 +1,25 @@
 """The deduplicating block store.
 
-Layout (identical on a directory and, later, on S3, so that an ODS is a copy of an ADS)::
+Layout (identical on a directory and on S3, so that an ODS is a copy of an ADS)::
 
     config.json                 store id, format version, block size, hash key, compression
     packs/<xx>/<pack-id>        zstd-compressed blocks appended, then a footer index
     index/<x>/<segment>.parquet immutable (hash -> pack, offset, length) segments, by hash nibble
     versions/<vm>/<version>/    disk-<n>.parquet manifests (block number -> hash), version.json last
-    locks/                      who writes, and since when
+    locks/<kind>-<id>.json      who writes or reads, and since when (storage/locks.py)
+    pins/<vm>/<version>.json    pinned versions: never pruned
+    gc/<id>.json (+.entries)    a gc's condemned packs, until its sweep is done (pipelines/gc.py)
+    validation/<time>-<id>      packs found intact by verify, and when (append-only)
 
 Invariants:
 - every object is written atomically (a reader sees all of it or nothing);
 - a version is visible only once its version.json exists, and version.json is written after
   its manifests, which are written after the index segments naming their blocks, which are
   written after the packs holding those blocks. A crash therefore leaves only unreferenced
-  objects behind, never a visible partial version.
+  objects behind, never a visible partial version;
+- a version is removed version.json first, so it vanishes whole;
+- a pack is deleted only by gc, after its index entries are gone and every writer that could
+  have seen them has finished; a block some committed version uses is never deleted.
 
 `storage` imports neither `pipelines` nor `alike_ray`.
 """
