@@ -560,6 +560,18 @@ def report(med: dict, meta: dict, results: list) -> str:
     return "\n".join(L) + "\n"
 
 
+def write_latest(path: str, md: str) -> None:
+    """Write latest.md, keeping the sections the other benches own (between their
+    `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers: cbt.py, gc.py, restore_bench.py)."""
+    old = open(path).read() if os.path.exists(path) else ""
+    marker = r"<!-- (\S+?):? ?begin -->.*?<!-- \1:? ?end -->"
+    sections = [m.group(0) for m in re.finditer(marker, old, flags=re.S)]
+    text = md.rstrip("\n") + "".join("\n\n" + sec for sec in sections) + "\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def versions() -> str:
     def v(cmd):
         try:
@@ -599,8 +611,7 @@ def main(argv=None):
     if a.report_only:
         d = json.load(open(os.path.join(a.results, "latest.json")))
         md = report(medians(d["results"]), d["meta"], d["results"])
-        with open(os.path.join(a.results, "latest.md"), "w") as f:
-            f.write(md)
+        write_latest(os.path.join(a.results, "latest.md"), md)
         print(md)
         return
     if os.geteuid() != 0:
@@ -665,8 +676,7 @@ def main(argv=None):
     md = report(med, meta, results)
     print(md)
     os.makedirs(a.results, exist_ok=True)
-    with open(os.path.join(a.results, "latest.md"), "w") as f:
-        f.write(md)
+    write_latest(os.path.join(a.results, "latest.md"), md)
     with open(os.path.join(a.results, "latest.json"), "w") as f:
         json.dump(dict(meta=meta, medians=[dict(tool=t, step=s, **m) for (t, s), m in sorted(med.items())],
                        results=results), f, indent=1)
