@@ -42,6 +42,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import common  # noqa: E402
 sys.path.insert(1, ROOT)
 import bench  # noqa: E402
 from bench import drop_caches, last_json, log, run  # noqa: E402
@@ -513,16 +514,7 @@ def report(d: dict) -> str:
 
 
 def put_section(path: str, section: str) -> None:
-    """Replace our section of latest.md (between the markers), or append it; the rest stays."""
-    text = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in text and END in text:
-        i, j = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:i] + section.rstrip("\n") + text[j:]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    with open(path + ".tmp", "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-    os.replace(path + ".tmp", path)
+    common.put_section(path, section, BEGIN, END)
 
 
 def main(argv=None):
