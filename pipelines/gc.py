@@ -42,8 +42,8 @@ import numpy as np
 from storage.errors import ObjectMissing, StoreError
 from storage.index import h32
 from storage.locks import live_locks, store_lock
-from storage.pack import TARGET_PACK, PackBuilder, pack_key
-from storage.store import Store
+from storage.pack import pack_key
+from storage.store import PackSink, Store
 
 from .faults import crash_point
 
@@ -235,24 +235,10 @@ def _repack(store: Store, names, codes, h, o, n, ci, progress):
     """Copy the blocks `ci` (indices into the index arrays) into new packs, each checked
     against its hash. -> the new entries (hashes, packs, offsets, lengths), written to no
     segment yet: the index rewrite adds them."""
-    out_h, out_p, out_o, out_n = [], [], [], []
     if not len(ci):
         return None
     order = ci[np.lexsort((o[ci], codes[ci]))]
-    builder = PackBuilder()
-
-    def flush():
-        nonlocal builder
-        if len(builder):
-            store.put_pack(builder)
-            crash_point("gc-repack-pack")
-            for hh, off, ln, _ in builder.entries:
-                out_h.append(hh)
-                out_p.append(builder.pack_id)
-                out_o.append(off)
-                out_n.append(ln)
-            builder = PackBuilder()
-
+    sink = PackSink(store, after_put=lambda: crash_point("gc-repack-pack"))
     groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
     for gi, g in enumerate(groups):
         pack = str(names[codes[g[0]]])
@@ -260,13 +246,9 @@ def _repack(store: Store, names, codes, h, o, n, ci, progress):
         for i in g:
             stored = data[int(o[i]):int(o[i]) + int(n[i])]
             store.codec.decode(stored, h32(h[i]), where=f"in pack {pack} at offset {int(o[i])} (gc repack)")
-            builder.add(h32(h[i]), stored)
-            if builder.size >= TARGET_PACK:
-                flush()
+            sink.add(h32(h[i]), stored)
         progress("repack", gi + 1, len(groups))
-    flush()
-    return (np.array(out_h, dtype="S32"), np.array(out_p, dtype="U32"),
-            np.array(out_o, dtype=np.uint64), np.array(out_n, dtype=np.uint64))
+    return sink.entries()
 
 
 def _sweep(store: Store, rec_key: str, wait: float, report: dict, progress, resumed: bool) -> None:

@@ -31,12 +31,12 @@ import time
 import numpy as np
 import ray
 
-from storage.errors import DamagedData, ObjectMissing, StoreError
+from storage.errors import ObjectMissing, StoreError
 from storage.index import h32
 from storage.locks import store_lock
-from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store
 
+from .blockcopy import copy_blocks
 from .verify import load_index, scan_store
 
 
@@ -143,54 +143,8 @@ def fetch_blocks(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: 
     """Copy blocks (sorted by source pack and offset) into new packs of the destination, each
     checked against its hash first. -> (entries (hashes, packs, offsets, lengths), damaged, bytes)."""
     src, dst = Store.open_cached(src_spec), Store.open_cached(dst_spec)
-    builder = PackBuilder()
-    hs, ps, os_, ls = [], [], [], []
-    damaged = []
-    nbytes = 0
-
-    def flush():
-        nonlocal builder
-        if len(builder):
-            dst.put_pack(builder)
-            for h, o, n, _ in builder.entries:
-                hs.append(h)
-                ps.append(builder.pack_id)
-                os_.append(o)
-                ls.append(n)
-            builder = PackBuilder()
-
-    i, n = 0, len(offs)
-    while i < n:
-        j = i + 1
-        end = int(offs[i] + lens[i])
-        while j < n and packs[j] == packs[i] and int(offs[j]) - end < 1 << 20 and int(offs[j] + lens[j]) - int(offs[i]) < 64 << 20:
-            end = max(end, int(offs[j] + lens[j]))
-            j += 1
-        start = int(offs[i])
-        try:
-            span = src.read_stored(packs[i], start, end - start)
-        except ObjectMissing:  # a missing or truncated pack: try block by block
-            span = None
-        for k in range(i, j):
-            h = h32(hashes[k])
-            try:
-                if span is not None:
-                    o = int(offs[k]) - start
-                    stored = span[o:o + int(lens[k])]
-                else:
-                    stored = src.read_stored(packs[k], int(offs[k]), int(lens[k]))
-                src.codec.decode(stored, h)
-            except StoreError:
-                damaged.append(hashes[k])
-                continue
-            builder.add(h, stored)
-            nbytes += len(stored)
-            if builder.size >= TARGET_PACK:
-                flush()
-        i = j
-    flush()
-    return (np.array(hs, dtype="S32"), ps, np.array(os_, np.uint64), np.array(ls, np.uint64)), \
-        np.array(damaged, dtype="S32"), nbytes
+    entries, damaged, nbytes = copy_blocks(src, dst, packs, offs, lens, hashes)
+    return (entries[0], list(entries[1]), entries[2], entries[3]), damaged, nbytes
 
 
 def _copy(src_spec, dst_spec, packs, offs, lens, hashes, on_progress=None, done0=0, total=0):

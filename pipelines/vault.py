@@ -18,12 +18,11 @@ import json
 import numpy as np
 import ray
 
-from storage.errors import ObjectMissing, StoreError
-from storage.index import h32
+from storage.errors import StoreError
 from storage.locks import store_lock
-from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store
 
+from .blockcopy import copy_blocks
 from .faults import crash_point
 from .index import LocalIndex
 
@@ -74,54 +73,12 @@ def copy_packs(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: np
     -> (blocks copied, stored bytes copied, damaged hashes)."""
     src, dst = Store.open_cached(src_spec), Store.open_cached(dst_spec)
     crash_point("vault-task")
-    codec = src.codec
-    builder = PackBuilder()
-    written = []  # (hash, pack, off, len)
-    damaged = []
-    nbytes = 0
-
-    def flush():
-        nonlocal builder
-        if len(builder):
-            dst.put_pack(builder)
-            crash_point("vault-pack")
-            written.extend((h, builder.pack_id, o, n) for h, o, n, _ in builder.entries)
-            builder = PackBuilder()
-
-    i, n = 0, len(offs)
-    while i < n:
-        j = i + 1
-        end = int(offs[i] + lens[i])
-        while j < n and packs[j] == packs[i] and int(offs[j]) - end < 1 << 20 and int(offs[j] + lens[j]) - int(offs[i]) < 64 << 20:
-            end = max(end, int(offs[j] + lens[j]))
-            j += 1
-        start = int(offs[i])
-        try:
-            span = src.read_stored(packs[i], start, end - start)
-        except ObjectMissing:
-            damaged.extend(hashes[i:j])
-            i = j
-            continue
-        for k in range(i, j):
-            o = int(offs[k]) - start
-            stored = span[o:o + int(lens[k])]
-            h = h32(hashes[k])
-            try:
-                codec.decode(stored, h)
-            except StoreError:
-                damaged.append(hashes[k])
-                continue
-            builder.add(h, stored)
-            nbytes += len(stored)
-            if builder.size >= TARGET_PACK:
-                flush()
-        i = j
-    flush()
-    if written:
-        dst.write_segments(np.array([w[0] for w in written], dtype="S32"), [w[1] for w in written],
-                           [w[2] for w in written], [w[3] for w in written])
+    (h, p, o, n), damaged, nbytes = copy_blocks(src, dst, packs, offs, lens, hashes,
+                                                after_put=lambda: crash_point("vault-pack"))
+    if len(h):
+        dst.write_segments(h, list(p), o, n)
         crash_point("vault-segments")
-    return len(written), nbytes, np.array(damaged, dtype="S32")
+    return len(h), nbytes, damaged
 
 
 def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[str] | None = None,

@@ -20,7 +20,7 @@ from . import index as _index
 from .backend import Backend, open_backend
 from .codec import DEFAULT_BLOCK, Codec, check_block_size
 from .errors import BadConfig, DamagedData, NotAStore, ObjectMissing, StoreExists, InvalidValue
-from .pack import PackBuilder, pack_key
+from .pack import TARGET_PACK, PackBuilder, pack_key
 
 FORMAT = 1
 VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -38,6 +38,44 @@ def check_vm_name(name: str) -> str:
 def new_version_id(now: _dt.datetime | None = None) -> str:
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return now.strftime("%Y%m%d-%H%M%S-") + f"{now.microsecond // 1000:03d}"
+
+
+class PackSink:
+    """Blocks, already stored (compressed), gathered into new packs of a store: each pack is put
+    once it reaches TARGET_PACK, and `after_put()` is called after each (the crash tests stop
+    there). `entries()` -> (hashes S32, pack ids, offsets, lengths) of every block written; they
+    are in no index segment yet."""
+
+    def __init__(self, store: "Store", after_put=None):
+        self.store = store
+        self.after_put = after_put
+        self.builder = PackBuilder()
+        self.h, self.p, self.o, self.n = [], [], [], []
+        self.nbytes = 0
+
+    def add(self, h: bytes, stored: bytes) -> None:
+        self.builder.add(h, stored)
+        self.nbytes += len(stored)
+        if self.builder.size >= TARGET_PACK:
+            self.flush()
+
+    def flush(self) -> None:
+        b = self.builder
+        if len(b):
+            self.store.put_pack(b)
+            if self.after_put:
+                self.after_put()
+            for h, off, ln, _ in b.entries:
+                self.h.append(h)
+                self.p.append(b.pack_id)
+                self.o.append(off)
+                self.n.append(ln)
+            self.builder = PackBuilder()
+
+    def entries(self):
+        self.flush()
+        return (np.array(self.h, dtype="S32"), np.array(self.p, dtype="U32"),
+                np.array(self.o, dtype=np.uint64), np.array(self.n, dtype=np.uint64))
 
 
 class Store:
