@@ -230,13 +230,15 @@ def cmd_job_run(args) -> int:
                     r["vaulted"] = False
                     r["vault_error"] = e.message
     code = 0 if all("error" not in r for r in results) else 1
-    if job.validate:  # the whole store, the new versions with it (run_verify's one mode)
+    if job.validate or job.validate_all:  # the data not validated yet (the new data), or all of it
         from pipelines.verify import run_verify
 
-        print("validate: verifying the store", file=sys.stderr, flush=True)
+        print("validate: verifying " + ("the store" if job.validate_all else "the new data"),
+              file=sys.stderr, flush=True)
         try:
-            rep = run_verify(spec, on_progress=None, node_id=node)
-            record["validate"] = {"ok": rep["ok"], "versions": rep.get("versions"),
+            rep = run_verify(spec, on_progress=None, node_id=node, new_only=not job.validate_all)
+            record["validate"] = {"ok": rep["ok"], "versions": rep.get("versions"), "mode": rep.get("mode"),
+                                  "packs_checked": rep.get("packs_checked"),
                                   "blocks_checked": rep.get("blocks_checked"), "problems": rep.get("problems", []),
                                   "damaged": [f"{b['vm']}@{b['version']} disk {b['disk']}" for b in rep.get("broken", [])]}
             code = code if rep["ok"] else 3  # damaged data outranks a failed backup (1)

@@ -19,7 +19,8 @@
     full = false                             # always full/baseline: no munge cache
     vault_to = "s3://bucket/offsite"         # vault the new versions right after the backup
     vault_endpoint = "http://127.0.0.1:9000"
-    validate = false                         # verify the store after the backups (damaged -> exit 3)
+    validate = false                         # verify the new data after the backups (damaged -> exit 3)
+    validate_all = false                     # ... or every block of the store
 
     [retention.onsite]                       # pruned on the job's store after each run (see `alike prune`)
     keep_last = 7                            # keep_last, keep_hourly, keep_daily, keep_weekly,
@@ -53,7 +54,8 @@ SCHEMA = {
          "select": dict, "options": dict, "retention": dict},
     "select": {"vms": list, "keyword": str, "tags": list, "exclude": list},
     "options": {"method": str, "cbt": bool, "memory": bool, "parallel": int, "full": bool,
-                "vault_to": str, "vault_endpoint": str, "vault_profile": str, "validate": bool},
+                "vault_to": str, "vault_endpoint": str, "vault_profile": str, "validate": bool,
+                "validate_all": bool},
 }
 TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", bool: "true or false", int: "an integer"}
 
@@ -83,6 +85,7 @@ class Job:
     vault_endpoint: str | None = None
     vault_profile: str | None = None
     validate: bool = False
+    validate_all: bool = False
     retention: dict = field(default_factory=dict)  # "onsite"/"offsite" -> retention.Policy (only those set)
 
     def selects(self, name: str, tags: list[str]) -> bool:
@@ -155,7 +158,7 @@ def load(path: str) -> Job:
                vms=sel.get("vms", []), keyword=sel.get("keyword"), tags=sel.get("tags", []),
                exclude=sel.get("exclude", []), retention=retention,
                **{k: opt[k] for k in ("method", "cbt", "memory", "parallel", "full", "vault_to",
-                                      "vault_endpoint", "vault_profile", "validate") if k in opt})
+                                      "vault_endpoint", "vault_profile", "validate", "validate_all") if k in opt})
 
 
 def _retention(path: str, table: dict) -> dict:

@@ -10,7 +10,9 @@ damaged or missing hashes are then mapped back to the versions and disks they br
 Which packs are read:
 - all (default): every pack that a version uses;
 - `sample=P` (0 < P <= 100): a random P% of them (at least one);
-- `older_than=SECONDS`: those whose last successful validation is older, or never validated.
+- `older_than=SECONDS`: those whose last successful validation is older, or never validated;
+- `new_only`: those never validated: the data written since the last validation (a job's
+  `validate = true`).
 Blocks that no index segment names are found whatever the mode: that costs no pack read.
 
 Validations are remembered on the store, append-only, because several verifies (and the
@@ -232,6 +234,7 @@ def read_versions(store: Store, scan: Scan) -> None:
 
 
 def scan_store(store_url, on_progress=None, sample: float | None = None, older_than: float | None = None,
+               new_only: bool = False,
                seed=None, on_bytes=None) -> Scan:
     t0 = time.monotonic()
     store = Store.open(store_url)
@@ -258,6 +261,9 @@ def scan_store(store_url, on_progress=None, sample: float | None = None, older_t
         last, _ = read_validations(store)
         limit = time.time() - older_than
         chosen = [p for p in chosen if last.get(p, -1.0) < limit]
+    elif new_only:  # the packs never validated: the new data since the last validation
+        last, _ = read_validations(store)
+        chosen = [p for p in chosen if p not in last]
     if sample is not None and chosen:
         rng = np.random.default_rng(seed)
         k = max(1, int(round(len(chosen) * sample / 100.0)))
@@ -340,6 +346,7 @@ def report(scan: Scan, mode: str = "all") -> dict:
 
 def run_verify(store_url, on_progress=None, node_id: str | None = None, index_actors: int = 1,
                sample: float | None = None, older_than: float | None = None, record: bool = True,
+               new_only: bool = False,
                seed=None, on_bytes=None) -> dict:
     """Verify `store_url` (see the module doc for the modes) and remember the packs found intact.
     -> the report: ok, versions, blocks_checked, packs_checked, damaged_blocks, broken
@@ -351,11 +358,12 @@ def run_verify(store_url, on_progress=None, node_id: str | None = None, index_ac
     # a reader, registered before the index is read: a gc running meanwhile deletes no pack we may read
     lock = store_lock(Store.open(store_url).backend, "reader", "verify")
     try:
-        scan = scan_store(store_url, on_progress, sample=sample, older_than=older_than, seed=seed,
+        scan = scan_store(store_url, on_progress, sample=sample, older_than=older_than, new_only=new_only, seed=seed,
                           on_bytes=on_bytes)
     finally:
         lock.release()
-    mode = "sample" if sample is not None else "older-than" if older_than is not None else "all"
+    mode = ("sample" if sample is not None else "older-than" if older_than is not None
+            else "new" if new_only else "all")
     rep = report(scan, mode)
     if sample is not None:
         rep["sample_percent"] = sample

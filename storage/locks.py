@@ -189,7 +189,7 @@ def store_lock(backend, kind: str, op: str, warn=_warn) -> Lock:
     try:
         live_locks(backend, warn=warn)  # break stale ones first, saying so
         return Lock(backend, kind, op).acquire()
-    except StoreError:
+    except (StoreError, OSError):
         if kind != "reader":
             raise
         # a reader with read-only rights (an offsite copy restored with a read-only key) reads

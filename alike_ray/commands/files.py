@@ -25,7 +25,19 @@ def cmd_files(args) -> int:
         raise lib.FilesError("get needs --to DIR: the folder to extract into")
     if args.action == "parts" and (args.paths or args.partition is not None):
         raise lib.FilesError("parts takes no PATH and no --partition")
+    from storage.locks import store_lock
+    from storage.store import Store
+
     spec = store_url(args)
+    # a reader: a gc running meanwhile deletes no pack we may read (best effort without write rights)
+    lock = store_lock(Store.open(spec).backend, "reader", "files")
+    try:
+        return _files(args, lib, spec)
+    finally:
+        lock.release()
+
+
+def _files(args, lib, spec) -> int:
     disk = lib.open_disk(spec, args.vm, args.disk)
     if args.action == "parts":
         return _parts(args, lib, disk)

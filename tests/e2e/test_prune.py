@@ -122,7 +122,10 @@ def test_job_retention_keeps_two_per_vm(alike, tmp_path):
     made = {vm: [v["version"] for r in runs for v in r["vms"] if v["vm"] == vm] for vm in ("web", "db")}
     assert sorted(runs[2]["retention"]["onsite"]["removed"]) == sorted([f"web@{made['web'][0]}",
                                                                          f"db@{made['db'][0]}"])
-    assert all(r["validate"]["ok"] for r in runs)
+    assert all(r["validate"]["ok"] and r["validate"]["mode"] == "new" for r in runs)
+    # validate = true reads the new data only: the same images again make no new packs
+    assert runs[0]["validate"]["packs_checked"] >= 1
+    assert [r["validate"]["packs_checked"] for r in runs[1:]] == [0, 0]
     for vm in ("web", "db"):
         assert ids(alike, store, vm) == made[vm][:0:-1]  # the two newest, newest first
     hist = alike.json("job", "history", "--store", store, "--job", "daily")["runs"]
@@ -200,7 +203,7 @@ def test_job_validate_finds_damage_and_holds_back_retention(alike, tmp_path):
     web = images.random_image(tmp_path / "web.raw", 2)
     job = tmp_path / "j.toml"
     job.write_text(f'name = "checked"\nstore = "{store}"\nsources = [{{uri = "image:{web}", name = "web"}}]\n'
-                   '[options]\nvalidate = true\n[retention]\nonsite = 1\n')
+                   '[options]\nvalidate_all = true\n[retention]\nonsite = 1\n')
     first = alike.json("job", "run", job)
     assert first["validate"]["ok"] and first["retention"]["onsite"]["removed"] == []
     pack = next(os.path.join(r, f) for r, _, fs in os.walk(store / "packs") for f in fs)
