@@ -221,3 +221,36 @@ def test_gc_killed_anywhere(alike, prepared, tmp_path, ray_address, point):
     again = alike.json("gc", "--store", store, "--grace", "0", "--repack-below", "0.99")
     assert again["packs_deleted"] == 0 and again["packs_repacked"] == 0, (rep, again)
     assert pack_bytes(store) < 0.75 * before
+
+
+def test_locks_of_other_hosts_stale_by_heartbeat_alive_while_beating(alike, prepared, tmp_path):
+    """A lock from another host cannot be checked by pid: it is stale once its heartbeat is older
+    than $ALIKE_LOCK_STALE, and then broken with a message; while it beats it holds."""
+    store = copy_store(prepared, tmp_path)
+    locks = store / "locks"
+    locks.mkdir(exist_ok=True)
+    now = time.time()
+
+    def lock(name, kind, op, beat):
+        (locks / f"{name}.json").write_text(json.dumps({
+            "id": name, "kind": kind, "op": op, "host": "another-host.example", "pid": 4242,
+            "started": now - 3600, "heartbeat": beat}))
+
+    lock("maintenance-old", "maintenance", "repair", now - 900)   # stopped beating 15 min ago
+    lock("writer-beating", "writer", "backup", now)                 # a backup on another host
+    p = alike("gc", "--store", store, "--grace", "0", "--wait", "3", env={"ALIKE_LOCK_STALE": "600"})
+    # the stale repair lock is broken, with a message; the live writer makes gc wait, then give up
+    assert "broke the stale lock of repair (pid 4242 on another-host.example" in p.stderr
+    assert "no heartbeat for" in p.stderr
+    assert p.returncode == 1 and "run `alike gc` again later" in p.stderr and "Traceback" not in p.stderr
+    assert not (locks / "maintenance-old.json").exists() and (locks / "writer-beating.json").exists()
+    # a live maintenance lock of another host refuses a gc at once, naming it
+    lock("maintenance-live", "maintenance", "repair", time.time())
+    p = alike("gc", "--store", store, "--grace", "0", env={"ALIKE_LOCK_STALE": "600"})
+    assert p.returncode == 2 and "another repair (pid 4242 on another-host.example" in p.stderr
+    # once the writer is gone (its lock stale too), the next gc finishes the work left
+    (locks / "maintenance-live.json").unlink()
+    lock("writer-beating", "writer", "backup", now - 900)
+    rep = alike.json("gc", "--store", store, "--grace", "0", env={"ALIKE_LOCK_STALE": "600"})
+    assert rep["finished_earlier_gc"] == 1 and rep["packs_deleted"] >= 1
+    assert not any(locks.iterdir())
