@@ -606,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shared", action="store_true",
                     help="the image path is visible on every Ray node (NFS...): read tasks may run anywhere")
     sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    sp.add_argument("--server", nargs="?", const=True, metavar="SOCKET",
+                    help="run the backup in the long-lived `alike server` listening at SOCKET (default: "
+                         "$ALIKE_SERVER, else the server's default socket): its Ray workers are already up, so "
+                         "a backup costs only its own work. Setting $ALIKE_SERVER makes this the default")
 
     sp.add_argument("--vault-to", metavar="STORE", help="after the backup, vault the new versions to this store")
     sp.add_argument("--to-endpoint", help="S3 endpoint of the --vault-to store (default: --endpoint)")
@@ -721,9 +725,29 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    server = getattr(args, "server", None)
+    if server is None and os.environ.get("ALIKE_SERVER") and hasattr(args, "server"):
+        args.server = server = os.environ["ALIKE_SERVER"]
+    if server:  # run it in `alike server`: no Ray, no numpy in this process
+        from .server import default_socket, run_remote
+
+        if server is True:
+            args.server = default_socket()
+
+        try:
+            return run_remote(args, args.command)
+        except StoreError as e:
+            print(f"alike: error: {e.message}", file=sys.stderr)
+            return int(e.exit_code)
+    _guard_stdout()
+    return run_args(args)
+
+
+def run_args(args) -> int:
+    """Run a parsed command; expected errors become one `alike: error:` line and an exit code
+    (also in `alike server`, which runs commands for clients)."""
     from .sources import SourceError
 
-    _guard_stdout()
     try:
         return args.fn(args)
     except (StoreError, SourceError) as e:

@@ -119,7 +119,15 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
 
 @ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)
 class SnapshotActor:
-    def __init__(self, store_url: str, index: IndexClient, in_flight: int, lock_key: str | None = None):
+    def __init__(self, store_url: str | None = None, index: IndexClient | None = None, in_flight: int = 2,
+                 lock_key: str | None = None):
+        self.store = None
+        if store_url is not None:
+            self.reset(store_url, index, in_flight, lock_key)
+
+    def reset(self, store_url: str, index: IndexClient, in_flight: int, lock_key: str | None = None) -> bool:
+        """Ready for a backup (a new actor, or a warm one of `alike server` between backups):
+        nothing of an earlier backup is kept."""
         self.store = Store.open(store_url)
         self.lock_key = lock_key
         self.index = index
@@ -129,6 +137,11 @@ class SnapshotActor:
         self.phases = []
         self.writer = None
         self.writes = []
+        return True
+
+    def warm(self) -> bool:
+        """Nothing: lets `alike server` wait until this actor's process is up."""
+        return True
 
     @property
     def phase(self) -> str:
@@ -397,6 +410,7 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     (snapshot, data acquisition, metadata commit, cleanup).
     -> one dict per job: the version's metadata, or {"vm":..., "error": message}."""
     from .cluster import cluster_cpus, pin_here
+    from .service import current_pool
 
     store = Store.open(store_url)  # a clear error before any actor starts
     cpus = cluster_cpus()
@@ -405,14 +419,19 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     lock = store_lock(store.backend, "writer", "backup")
     crash_point("backup-locked")
     try:
-        return _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock)
+        return _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock,
+                           current_pool())
     finally:
         lock.release()
 
 
-def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock):
-    # the shards load while the snapshot actors start; their first call waits for them
-    index = IndexClient.start(store_url, index_actors or max(1, min(4, cpus // 2)), here, wait=False)
+def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock, pool=None):
+    n_shards = index_actors or max(1, min(4, cpus // 2))
+    if pool is not None:  # `alike server`: warm shards, reloaded now that we are registered
+        index = pool.take_index(store_url, n_shards, here)
+    else:  # the shards load while the snapshot actors start; their first call waits for them
+        index = IndexClient.start(store_url, n_shards, here, wait=False)
+    healthy = True
     results: dict[int, dict] = {}
     running: dict = {}
     reported: dict[str, int] = {}
@@ -422,16 +441,21 @@ def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here
             while queue and len(running) < max(1, parallel):
                 n, (source, vm) = queue.pop(0)
                 version = new_version_id()
-                actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus,
-                                                                               lock.key)
+                if pool is not None:
+                    actor = pool.take_actor(here, store_url, index, 2 * cpus, lock.key)
+                else:
+                    actor = SnapshotActor.options(scheduling_strategy=here).remote(store_url, index, 2 * cpus,
+                                                                                   lock.key)
                 running[actor.run.remote(source, vm, version, full, cbt)] = (n, vm, version, actor)
                 crash_point("backup-dispatched")
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:
                 n, vm, version, actor = running.pop(ref)
+                alive = True
                 try:
                     results[n] = ray.get(ref)
                 except ray.exceptions.RayActorError:
+                    alive = healthy = False  # the shards may have died with it: not reused either
                     index.release(f"{vm}@{version}")  # whoever waited on its blocks writes them
                     results[n] = {"vm": vm, "error": f"backup of {vm} failed: its worker died; nothing was committed"}
                 except ray.exceptions.RayTaskError as e:
@@ -444,7 +468,10 @@ def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here
                     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                         pass
                     on_vm(vm, "failed" if "error" in results[n] else "done", 0, 0)
-                ray.kill(actor)
+                if pool is not None and alive:
+                    pool.give_actor(actor)
+                else:
+                    ray.kill(actor)
             if (on_progress or on_vm) and running:
                 try:
                     prog = ray.get([r[3].progress.remote() for r in running.values()], timeout=5)
@@ -456,6 +483,15 @@ def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     pass  # a dying actor: its run's result tells what happened
         crash_point("backup-result")
+    except BaseException:
+        healthy = False
+        if pool is not None:  # a long-lived driver: stop what this backup still runs (never reused)
+            for _, _, _, actor in running.values():
+                ray.kill(actor)
+        raise
     finally:
-        index.shutdown()
+        if pool is not None:
+            pool.give_index(store_url, n_shards, index, healthy)
+        else:
+            index.shutdown()
     return [results[n] for n in range(len(jobs))]

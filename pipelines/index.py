@@ -32,14 +32,26 @@ def load_segments(store: Store, keys: list[str], index: CompactIndex) -> None:
 @ray.remote(num_cpus=0)
 class IndexShard:
     def __init__(self, store_url: str, shards: list[int]):
+        self.shards = shards
+        self.reload(store_url)
+
+    def reload(self, store_url: str) -> int:
+        """Forget everything and load the shards' segments afresh (a warm shard of `alike server`
+        does this at the start of every backup, after the backup registered as a writer)."""
         store = Store.open(store_url)
         self.index = CompactIndex()
         self.claims: dict[bytes, str] = {}
-        load_segments(store, [k for s in shards for k in store.segment_keys(s)], self.index)
+        load_segments(store, [k for s in self.shards for k in store.segment_keys(s)], self.index)
         crash_point("index-loaded")
+        return len(self.index)
 
     def ready(self) -> int:
         return len(self.index)
+
+    def clear(self) -> None:
+        """Drop the loaded index (an idle warm shard keeps its process, not the memory)."""
+        self.index = CompactIndex()
+        self.claims = {}
 
     def stats(self) -> dict:
         return {"entries": len(self.index), "bytes": self.index.nbytes(), "claims": len(self.claims)}
@@ -144,6 +156,15 @@ class IndexClient:
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])
+
+    def clear(self) -> None:
+        for a in self.actors:
+            a.clear.remote()
+
+    def reload(self, store_url: str) -> None:
+        """Every shard reloads from the store; returns once all have (raises RayActorError when
+        one has died)."""
+        ray.get([a.reload.remote(store_url) for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

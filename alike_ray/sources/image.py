@@ -130,7 +130,8 @@ class ImageSnapshot(Snapshot):
 
 class ImageSource(Source):
     def __init__(self, spec: str, name: str | None = None, shared: bool = False, node_id: str | None = None):
-        self.paths = [p for p in spec.split(",") if p]
+        # absolute here, in the command's process: read tasks run in Ray workers elsewhere
+        self.paths = [os.path.abspath(p) for p in spec.split(",") if p]
         if not self.paths:
             raise SourceError("image: needs a path, for example image:/var/lib/images/web.raw")
         self.name = name or os.path.splitext(os.path.basename(self.paths[0]))[0]

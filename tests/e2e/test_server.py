@@ -1,0 +1,234 @@
+"""`alike server`: backups run in a long-lived process with warm Ray workers, driven by
+`alike backup --server`. The same outputs and exit codes as a local backup; warm actors are
+really reused; concurrent clients; a client that goes away; a server killed mid-backup; a
+CBT backup of a real libvirt VM through the server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests import images, kvm_env
+
+MiB = images.MiB
+BS = 512 * 1024
+
+
+def _short_dir():
+    # a Unix socket path must stay under 108 bytes: pytest's tmp_path can be longer
+    return tempfile.mkdtemp(prefix="alk-srv-", dir="/tmp")
+
+
+def _start(alike, sock, env=None):
+    p = alike("server", "start", "--socket", sock, "--address", alike.address, "--json", env=env, timeout=180)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def server(ray_address, tmp_path_factory):
+    from tests.conftest import CLI
+
+    d = _short_dir()
+    sock = os.path.join(d, "s.sock")
+    cli = CLI(ray_address, tmp_path_factory.mktemp("srv"))
+    st = _start(cli, sock)
+    yield sock, st
+    cli("server", "stop", "--socket", sock, timeout=120)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _warm(alike, sock):
+    return alike.json("server", "status", "--socket", sock)["warm"]
+
+
+def _no_traceback(p):
+    assert "Traceback" not in p.stderr, p.stderr
+    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("alike: error:")]
+    assert len(errs) == 1, p.stderr
+    return errs[0]
+
+
+def test_backup_through_server_same_as_local(server, alike, corpus, tmp_path, monkeypatch):
+    """Two backups through the server: the JSON of a local backup (same keys, same counts), the
+    second one in reused actors (the server's status counts them), and both versions restore
+    byte-identical. $ALIKE_SERVER alone sends a backup to the server too; text output as locally."""
+    sock, st = server
+    assert st["pid"] > 0 and st["socket"] == sock and os.stat(sock).st_mode & 0o777 == 0o600
+    local, remote = str(tmp_path / "local"), str(tmp_path / "remote")
+    alike("init", "--store", local, check=True)
+    monkeypatch.chdir(tmp_path)  # a relative store path and image path are the client's, not the server's
+    alike("init", "--store", "remote", check=True)
+    subprocess.run(["cp", "--sparse=always", corpus["web"], str(tmp_path / "web.raw")], check=True)
+    before = _warm(alike, sock)
+    r1 = alike.json("backup", "--server", sock, "--store", "remote", "image:web.raw")
+    l1 = alike.json("backup", "--store", local, "image:web.raw")
+    assert set(r1) == set(l1)
+    for k in ("vm", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks", "cbt"):
+        assert r1[k] == l1[k], k
+    subprocess.run(["cp", "--sparse=always", corpus["web_day2"], str(tmp_path / "web.raw")], check=True)
+    p = alike("backup", "--store", remote, "image:" + str(tmp_path / "web.raw"), env={"ALIKE_SERVER": sock}, check=True)
+    assert p.stdout.startswith("web@") and "new blocks" in p.stdout, p.stdout
+    after = _warm(alike, sock)
+    assert after["actors_reused"] >= before["actors_reused"] + 2
+    assert after["indexes_reused"] >= before["indexes_reused"] + 1
+    versions = [v["version"] for v in alike.json("versions", "--store", remote)["versions"]]
+    assert len(versions) == 2
+    for v, want in zip(sorted(versions), (corpus["web"], corpus["web_day2"])):
+        out = str(tmp_path / f"{v}.raw")
+        alike("restore", "--store", remote, f"web@{v}", "--to", out, check=True)
+        assert subprocess.run(["cmp", out, want]).returncode == 0
+
+
+def test_server_bad_input(server, alike, corpus, tmp_path):
+    """Errors through the server are the local ones: one line, the same exit code, no traceback.
+    Without a server at the socket: a clear exit 2. A second server on a live socket is refused."""
+    sock, _ = server
+    store = str(tmp_path / "s")
+    p = alike("backup", "--server", sock, "--store", store, f"image:{corpus['web']}")
+    assert p.returncode == 2 and "does not exist: create it with `alike init" in _no_traceback(p)
+    alike("init", "--store", store, check=True)
+    p = alike("backup", "--server", sock, "--store", store, "image:/nonexistent/disk.raw")
+    assert p.returncode in (2, 5), p.stderr
+    _no_traceback(p)
+    p = alike("backup", "--server", sock, "--store", store, "kvm:qemu:///system", "--vm", "no-such-vm-xyz")
+    assert p.returncode == 2, p.stderr
+    _no_traceback(p)
+    p = alike("backup", "--server", sock, "--address", alike.address, "--store", store, f"image:{corpus['web']}")
+    assert p.returncode == 2 and "--address does not go with --server" in _no_traceback(p)
+    nowhere = os.path.join(_short_dir(), "none.sock")
+    p = alike("backup", "--server", nowhere, "--store", store, f"image:{corpus['web']}")
+    assert p.returncode == 2 and "no alike server at" in _no_traceback(p)
+    p = alike("server", "status", "--socket", nowhere)
+    assert p.returncode == 2 and "alike server start" in _no_traceback(p)
+    p = alike("server", "start", "--socket", sock, "--address", alike.address)
+    assert p.returncode == 2 and "already runs" in _no_traceback(p)
+    assert alike.json("versions", "--store", store)["versions"] == []
+
+
+def test_concurrent_clients(server, alike, corpus, tmp_path):
+    """Two clients at once, two VMs into one store: both commit, each restores byte-identical,
+    and every output went to its own client."""
+    sock, _ = server
+    store = str(tmp_path / "s")
+    alike("init", "--store", store, check=True)
+    env = dict(os.environ, RAY_ADDRESS=alike.address)
+    procs = [subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "backup", "--server", sock, "--store", store,
+                               f"image:{corpus[k]}", "--name", k, "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for k in ("web", "db_raw")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [json.loads(o) for o, _ in outs]
+    assert [g["vm"] for g in got] == ["web", "db_raw"]
+    for g in got:
+        out = str(tmp_path / f"{g['vm']}.raw")
+        alike("restore", "--store", store, f"{g['vm']}@{g['version']}", "--to", out, check=True)
+        assert subprocess.run(["cmp", out, corpus[g["vm"]]]).returncode == 0
+
+
+def test_client_gone_backup_still_commits(server, alike, tmp_path):
+    """A client killed while its backup runs: the server finishes the backup (committed, whole),
+    writes what the client would have seen to its log, and keeps serving."""
+    sock, st = server
+    store = str(tmp_path / "s")
+    alike("init", "--store", store, check=True)
+    img = str(tmp_path / "big.raw")
+    with open(img, "wb") as f:
+        for _ in range(12):
+            f.write(os.urandom(16 * MiB))
+    env = dict(os.environ, RAY_ADDRESS=alike.address)
+    p = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "backup", "--server", sock, "--store", store,
+                          f"image:{img}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not alike.json("server", "status", "--socket", sock)["running"]:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 180
+    while time.time() < deadline and alike.json("server", "status", "--socket", sock)["running"]:
+        time.sleep(0.2)
+    log = open(st["log"]).read()
+    assert f"from pid {p.pid}]: exit 0" in log, log[-3000:]
+    [v] = alike.json("versions", "--store", store)["versions"]
+    out = str(tmp_path / "r.raw")
+    alike("restore", "--store", store, f"big@{v['version']}", "--to", out, check=True)
+    assert subprocess.run(["cmp", out, img]).returncode == 0
+    assert alike.json("verify", "--store", store)["ok"] is True
+
+
+def test_server_killed_mid_backup(alike, corpus, tmp_path):
+    """kill -9 of the server while it runs a backup (right after dispatching the VM): the client
+    says so in one line (exit 1), nothing is committed, verify passes, and a new server on the same
+    socket (the dead one's socket file is taken over) backs the VM up."""
+    d = _short_dir()
+    sock = os.path.join(d, "k.sock")
+    store = str(tmp_path / "s")
+    alike("init", "--store", store, check=True)
+    try:
+        _start(alike, sock, env={"ALIKE_CRASH_AT": "backup-dispatched"})
+        p = alike("backup", "--server", sock, "--store", store, f"image:{corpus['web']}")
+        assert p.returncode == 1, (p.returncode, p.stderr)
+        assert "closed the connection before the backup ended" in _no_traceback(p)
+        assert alike.json("versions", "--store", store)["versions"] == []
+        assert alike.json("verify", "--store", store)["ok"] is True
+        assert os.path.exists(sock)  # what a killed server leaves
+        _start(alike, sock)
+        r = alike.json("backup", "--server", sock, "--store", store, f"image:{corpus['web']}")
+        out = str(tmp_path / "r.raw")
+        alike("restore", "--store", store, f"web@{r['version']}", "--to", out, check=True)
+        assert subprocess.run(["cmp", out, corpus["web"]]).returncode == 0
+        st = alike.json("server", "stop", "--socket", sock, timeout=120)
+        assert st["stopped"] is True and not os.path.exists(sock)
+        with pytest.raises(ProcessLookupError):
+            os.kill(st["pid"], 0)
+    finally:
+        alike("server", "stop", "--socket", sock, timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def conn():
+    c, why = kvm_env.start_libvirt()
+    if c is None:
+        pytest.skip(f"libvirt cannot start on this machine: {why}")
+    yield c
+    c.close()
+
+
+def test_kvm_cbt_backup_through_server(server, alike, conn, tmp_path):
+    """A real libvirt VM backed up through the server: the first backup reads what the disk
+    holds, guest writes, the second one uses CBT (reads the changed blocks only) in warm actors,
+    and both versions restore byte-identical to the disk at their snapshot times."""
+    from tests.e2e.test_kvm import make_vm, same
+
+    sock, _ = server
+    lib = os.path.dirname(os.__file__)
+    tree = images.tree(str(tmp_path / "t"), 6 * MiB, [f"{lib}/{x}" for x in ("email", "json", "http")])
+    vm = kvm_env.vm_name("srv")
+    dom, disks = make_vm(conn, vm, [tree], sizes=(48,))
+    try:
+        store = str(tmp_path / "s")
+        alike("init", "--store", store, check=True)
+        v1 = disks[0].snapshot_copy(str(tmp_path / "v1.raw"))
+        r1 = alike.json("backup", "--server", sock, "--store", store, "kvm:" + kvm_env.URI, "--vm", vm)
+        assert r1["cbt"] is False and 0 < r1["read_bytes"] < 48 * MiB
+        regions = [(3 * MiB, 1 * MiB, 0x61), (40 * MiB + 777, 5000, 0x62)]
+        for off, ln, pat in regions:
+            disks[0].write(off, ln, pat)
+        v2 = disks[0].snapshot_copy(str(tmp_path / "v2.raw"))
+        r2 = alike.json("backup", "--server", sock, "--store", store, "kvm:" + kvm_env.URI, "--vm", vm)
+        assert r2["cbt"] is True
+        assert 0 < r2["read_bytes"] <= sum(ln for _, ln, _ in regions) + len(regions) * BS
+        for r, want in ((r1, v1), (r2, v2)):
+            out = str(tmp_path / f"{r['version']}.raw")
+            alike("restore", "--store", store, f"{vm}@{r['version']}", "--to", out, check=True)
+            assert same(out, want)
+    finally:
+        kvm_env.remove_domain(dom)
