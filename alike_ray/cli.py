@@ -85,7 +85,8 @@ def cmd_backup(args) -> int:
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "cbt", "cbt_notes", "read_nodes", "seconds", "vaulted")
+            "cache_hits", "index_lookups", "packs", "cbt", "cbt_notes", "read_nodes", "seconds", "phase_seconds",
+            "task_seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:

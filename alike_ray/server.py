@@ -365,7 +365,15 @@ class Server:
         t0 = time.monotonic()
         sys.stdout.local.sink = sys.stderr.local.sink = client
         try:
-            code = cli.run_args(args)
+            if os.environ.get("ALIKE_PROFILE"):
+                import cProfile
+                import pstats
+
+                pr = cProfile.Profile()
+                code = pr.runcall(cli.run_args, args)
+                pstats.Stats(pr, stream=self.err).sort_stats("cumulative").print_stats(40)
+            else:
+                code = cli.run_args(args)
         except BaseException as e:  # a bug: the server goes on; the client gets one line
             import traceback
 

@@ -53,6 +53,8 @@ def _runs(blocks: np.ndarray):
 @ray.remote(max_retries=3)
 def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None):
     crash_point("read-task")
+    t_start = time.perf_counter()
+    t_read = t_hash = 0.0
     out_blocks, out_hashes = [], []
     cand_i, cand_buf = [], []
     read_bytes = zero = hits = 0
@@ -67,12 +69,15 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
     for first, count in runs:
         off = first * block_size
         length = min(count * block_size, disk.size - off)
+        t0 = time.perf_counter()
         buf = np.zeros(length, dtype=np.uint8)
         if hasattr(disk, "read_into"):
             read_bytes += disk.read_into(buf, off)
         else:
             buf[:] = disk.read(off, length)
             read_bytes += length
+        t1 = time.perf_counter()
+        t_read += t1 - t0
         for k in range(count):
             bi += 1
             b = buf[k * block_size:(k + 1) * block_size]
@@ -88,6 +93,8 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
                 continue
             cand_i.append(j)
             cand_buf.append(b)
+        t_hash += time.perf_counter() - t1
+    t_lookup = time.perf_counter()
     hashes = np.array(out_hashes, dtype="S32") if out_hashes else EMPTY
     new_idx = np.zeros(0, np.int64)
     lookups = 0
@@ -99,7 +106,10 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         found = index.lookup(uniq) if index is not None else np.zeros(len(uniq), bool)
         new_idx = cand_i[np.sort(first_pos[~found])]
     pos = {int(j): n for n, j in enumerate(cand_i)} if len(new_idx) else {}
+    t_encode = time.perf_counter()
+    t_lookup = t_encode - t_lookup
     stored = [codec.encode(cand_buf[pos[int(j)]]) for j in new_idx]
+    t_encode = time.perf_counter() - t_encode
     lens = np.array([len(s) for s in stored], dtype=np.uint32)
     data = np.frombuffer(b"".join(stored), dtype=np.uint8) if stored else np.zeros(0, np.uint8)
     return {
@@ -114,6 +124,9 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         "lookups": lookups,
         "node": ray.get_runtime_context().get_node_id(),
         "logical": int(sum(min(c * block_size, disk.size - f * block_size) for f, c in runs)),
+        # seconds in this task, summed over tasks into the version's "task_seconds"
+        "times": {"read": t_read, "hash": t_hash, "lookup": t_lookup, "compress": t_encode,
+                  "total": time.perf_counter() - t_start},
     }
 
 
@@ -165,6 +178,7 @@ class SnapshotActor:
         try:
             self.phase = "snapshot"
             snap = source.snapshot(vm)
+            self.t_snapshot = round(time.monotonic() - t0, 3)
             crash_point("after-snapshot")
             return self._run(snap, vm, version, full, t0)
         except StoreError:
@@ -270,6 +284,7 @@ class SnapshotActor:
             crash_point("disk-done")
             disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
         self._flush(stats, wait=True)
+        t_data = time.monotonic()
         self.phase = "metadata commit"
         borrowed = self._settle(snap, manifests, stats)
         crash_point("after-settle")
@@ -289,6 +304,9 @@ class SnapshotActor:
         crash_point("before-version")
         logical = int(sum(d.size for d in snap.disks))
         seconds = time.monotonic() - t0
+        # where the time went (the release of the snapshot comes after and is not counted)
+        stats["phase_seconds"] = {"snapshot": self.t_snapshot, "data": round(t_data - t0 - self.t_snapshot, 3),
+                                  "commit": round(time.monotonic() - t_data, 3)}
         meta = {
             "vm": vm, "version": version,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -316,6 +334,9 @@ class SnapshotActor:
         for k in ("read_bytes", "zero_blocks", "cache_hits"):
             stats[k] += r[k]
         stats["index_lookups"] += r["lookups"]
+        ts = stats.setdefault("task_seconds", {})
+        for k, v in r.get("times", {}).items():
+            ts[k] = round(ts.get(k, 0.0) + v, 3)
         self.done += r["logical"]
         self.read_nodes.add(r["node"])
         if not len(r["new_idx"]):
