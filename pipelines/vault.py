@@ -22,11 +22,9 @@ from storage.errors import StoreError
 from storage.locks import store_lock
 from storage.store import Store
 
-from .blockcopy import copy_blocks
+from .blockcopy import copy_blocks, run_copy_tasks
 from .faults import crash_point
 from .index import LocalIndex
-
-TASK_BYTES = 128 * 1024 * 1024
 
 
 class VaultError(StoreError):
@@ -113,8 +111,6 @@ def run_vault(src_spec, dst_spec, vms: list[str] | None = None, versions: list[s
 
 
 def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
-    from .cluster import cluster_cpus
-
     have = set(dst.list_versions())
     todo = [(vm, v) for vm, v in chosen if (vm, v) not in have]
     report = {"source": src.url, "target": dst.url, "versions_selected": len(chosen),
@@ -143,16 +139,12 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
     need, packs, off, ln = need[found], packs[found].astype(str), off[found], ln[found]
     order = np.lexsort((off, packs))
     need, packs, off, ln = need[order], packs[order], off[order], ln[order]
-    refs = []
-    cum = np.cumsum(ln.astype(np.int64))
-    start = 0
-    in_flight = 2 * cluster_cpus()
-    total_bytes = int(cum[-1]) if len(cum) else 0
+    total_bytes = int(ln.astype(np.int64).sum())
     done_bytes = 0
 
-    def absorb(ref):
+    def absorb(result):
         nonlocal done_bytes
-        c, b, bad = ray.get(ref)
+        c, b, bad = result
         report["blocks_copied"] += c
         report["bytes_copied"] += b
         done_bytes += b
@@ -161,29 +153,12 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
         if on_progress:
             on_progress(done_bytes, total_bytes)
 
-    try:
-        while start < len(need):
-            base = cum[start - 1] if start else 0
-            stop = max(start + 1, int(np.searchsorted(cum, base + TASK_BYTES, side="right")))
-            # never split one source pack's run between two tasks mid-range needlessly
-            if len(refs) >= in_flight:
-                ready, refs = ray.wait(refs, num_returns=1)
-                absorb(ready[0])
-            refs.append(copy_packs.remote(src_spec, dst_spec, packs[start:stop], off[start:stop], ln[start:stop],
-                                          need[start:stop]))
-            start = stop
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            absorb(ready[0])
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, StoreError):
-            raise cause from None
-        raise
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as e:
-        raise VaultError(
-            f"a copy task's worker died more often than it is retried ({type(e).__name__}); the versions "
-            "copied so far are whole, nothing partial was committed: run the vault again to go on") from None
+    def died(why):
+        return VaultError(
+            f"a copy task's worker died more often than it is retried ({why}); the versions "
+            "copied so far are whole, nothing partial was committed: run the vault again to go on")
+
+    run_copy_tasks(copy_packs, src_spec, dst_spec, packs, off, ln, need, absorb, died)
     bad = np.unique(np.concatenate(damaged))
     skipped = []
     for (vm, v), hs in manifests.items():
