@@ -36,7 +36,8 @@ from storage.index import h32
 from storage.locks import store_lock
 from storage.store import Store
 
-from .blockcopy import copy_blocks
+from .blockcopy import copy_blocks, run_copy_tasks
+from .faults import crash_point
 from .verify import load_index, scan_store
 
 
@@ -48,6 +49,12 @@ class Unrepairable(StoreError):
     """{detail}"""
 
     exit_code = 3
+
+
+class RepairFailed(StoreError):
+    """Repair failed: {detail}"""
+
+    exit_code = 1
 
 
 def open_pair(store_spec, other_spec) -> tuple[Store, Store]:
@@ -143,26 +150,22 @@ def fetch_blocks(src_spec, dst_spec, packs: np.ndarray, offs: np.ndarray, lens: 
     """Copy blocks (sorted by source pack and offset) into new packs of the destination, each
     checked against its hash first. -> (entries (hashes, packs, offsets, lengths), damaged, bytes)."""
     src, dst = Store.open_cached(src_spec), Store.open_cached(dst_spec)
+    crash_point("repair-task")
     entries, damaged, nbytes = copy_blocks(src, dst, packs, offs, lens, hashes)
     return (entries[0], list(entries[1]), entries[2], entries[3]), damaged, nbytes
 
 
 def _copy(src_spec, dst_spec, packs, offs, lens, hashes, on_progress=None, done0=0, total=0):
     """Run fetch_blocks over sorted slices. -> (entries, damaged hashes, bytes)."""
-    from .cluster import cluster_cpus
-
     order = np.lexsort((offs, packs.astype(str)))
     packs, offs, lens, hashes = packs[order].astype(str), offs[order], lens[order], hashes[order]
-    refs = []
-    cum = np.cumsum(lens.astype(np.int64))
-    start, in_flight = 0, 2 * cluster_cpus()
     ents = [[], [], [], []]
     damaged, nbytes = [np.zeros(0, "S32")], 0
     done = done0
 
-    def absorb(ref):
+    def absorb(result):
         nonlocal nbytes, done
-        (h, p, o, n), bad, b = ray.get(ref)
+        (h, p, o, n), bad, b = result
         for lst, x, dt in zip(ents, (h, p, o, n), ("S32", "U32", np.uint64, np.uint64)):
             lst.append(np.asarray(x, dtype=dt))
         damaged.append(bad)
@@ -171,24 +174,12 @@ def _copy(src_spec, dst_spec, packs, offs, lens, hashes, on_progress=None, done0
         if on_progress:
             on_progress(done, total)
 
-    try:
-        while start < len(hashes):
-            base = cum[start - 1] if start else 0
-            stop = max(start + 1, int(np.searchsorted(cum, base + 128 * 1024 * 1024, side="right")))
-            if len(refs) >= in_flight:
-                ready, refs = ray.wait(refs, num_returns=1)
-                absorb(ready[0])
-            refs.append(fetch_blocks.remote(src_spec, dst_spec, packs[start:stop], offs[start:stop],
-                                            lens[start:stop], hashes[start:stop]))
-            start = stop
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            absorb(ready[0])
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, StoreError):
-            raise cause from None
-        raise
+    def died(why):
+        return RepairFailed(
+            f"a block copy task's worker died more often than it is retried ({why}); the index was not "
+            "changed (new packs that nothing references yet are removed by `alike gc`): run the repair again")
+
+    run_copy_tasks(fetch_blocks, src_spec, dst_spec, packs, offs, lens, hashes, absorb, died)
     entries = (np.concatenate(ents[0] + [np.zeros(0, "S32")]),
                np.concatenate(ents[1] + [np.zeros(0, "U32")]).astype("U32"),
                np.concatenate(ents[2] + [np.zeros(0, np.uint64)]),

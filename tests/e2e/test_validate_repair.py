@@ -371,6 +371,33 @@ def test_repair_refusals_and_unrepairable(base, alike, tmp_path):
     assert code == 0, err
 
 
+def test_repair_copy_worker_dies(base, alike, tmp_path):
+    """A block copy task whose worker keeps dying (killed at its start on every retry): repair
+    ends with one `alike: error:` line, no traceback, exit 1; the store is unchanged (the damage
+    is still found, nothing hidden or made worse) and a repair that is let run heals it."""
+    store = _copy_store(base, "ads", tmp_path, "worker-dies")
+    inject(store, "pack:flip-block", base["versions"])
+    code, out, err = run("verify", "--store", store, "--json")
+    assert code == 3, (code, err)
+    broken = json.loads(out)["broken"]
+    assert broken
+    before = _snapshot(store)
+    p = alike("repair", "--store", store, "--from", base["ods_dir"], env={"ALIKE_CRASH_AT": "repair-task"})
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("alike: error:")]
+    assert len(errors) == 1 and "worker died" in errors[0] and "run the repair again" in errors[0], p.stderr
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "repaired" not in p.stdout
+    assert _snapshot(store) == before  # every attempt died before it wrote anything
+    code, out, err = run("verify", "--store", store, "--json")
+    assert code == 3, (code, err)
+    assert json.loads(out)["broken"] == broken
+    assert not list(backend(store).list("locks/"))  # the maintenance lock was released
+    rep = rjson("repair", "--store", store, "--from", base["ods_dir"])
+    assert rep["ok"] and rep["blocks_fetched"], rep
+    assert rjson("verify", "--store", store)["ok"]
+
+
 def test_zz_corruption_figures(capsys):
     """Print the suite's figures (injected / found / repaired) for the report."""
     inj = sum(r["injected"] for r in RESULTS.values())
