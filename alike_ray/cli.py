@@ -158,7 +158,8 @@ def _job_store(args, job):
     from storage.backend import store_spec
     from storage.errors import InvalidValue
 
-    url = args.store or job.store or os.environ.get("ALIKE_STORE")
+    # alike_store_env: the $ALIKE_STORE of an `alike server` client (the server's own does not count)
+    url = args.store or job.store or getattr(args, "alike_store_env", None) or os.environ.get("ALIKE_STORE")
     if not url:
         raise InvalidValue(f"{job.path}: no store: put store = \"...\" in the job, pass --store or set ALIKE_STORE")
     return store_spec(url, args.endpoint or job.endpoint, args.profile or job.profile)
@@ -191,7 +192,7 @@ def cmd_job_run(args) -> int:
 
     from . import jobs
 
-    job = jobs.load(args.file)
+    job = jobs.load(args.file, base=getattr(args, "cwd", None))
     spec = _job_store(args, job)
     store = Store.open(spec)
     _connect(args)
@@ -707,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--endpoint", help="S3 endpoint of the store")
     sp.add_argument("--profile", help="AWS profile of the store")
     sp.add_argument("--address", help="Ray cluster to join")
+    sp.add_argument("--server", nargs="?", const=True, metavar="SOCKET",
+                    help="run the job in the long-lived `alike server` at SOCKET (default: $ALIKE_SERVER, else the "
+                         "server's default socket); setting $ALIKE_SERVER makes this the default")
     sp = jadd("history", cmd_job_history, "past runs of jobs on a store, newest first")
     sp.add_argument("--store", help="store (default: $ALIKE_STORE)")
     sp.add_argument("--endpoint", help="S3 endpoint of the store")
@@ -736,7 +740,7 @@ def main(argv=None) -> int:
             args.server = default_socket()
 
         try:
-            return run_remote(args, args.command)
+            return run_remote(args, " ".join(filter(None, (args.command, getattr(args, "job_command", None)))))
         except StoreError as e:
             print(f"alike: error: {e.message}", file=sys.stderr)
             return int(e.exit_code)

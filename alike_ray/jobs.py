@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -116,7 +117,10 @@ def _check(path: str, section: str, table: dict) -> None:
             raise JobError(f"{path}: {key} in {where} must be {TYPE_NAMES[want]}, not {value!r}")
 
 
-def load(path: str) -> Job:
+def load(path: str, base: str | None = None) -> Job:
+    """Read and check a job file. `base`: the folder relative local paths in it (store, vault_to,
+    image: sources) are taken from - the caller's working folder; `alike server` passes its
+    client's, so that a job means the same wherever it runs."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -153,6 +157,17 @@ def load(path: str) -> Job:
         raise JobError(f"{path}: method {opt['method']!r} is not available: use \"enhanced\" (agentless)")
     if opt.get("parallel", 1) < 1:
         raise JobError(f"{path}: parallel in [options] must be at least 1")
+    if base:
+        def absolute(p):
+            return p if not isinstance(p, str) or "://" in p or os.path.isabs(p) else os.path.join(base, p)
+
+        for s in sources:
+            kind, sep, rest = s["uri"].partition(":")
+            if kind == "image" and sep:
+                s["uri"] = "image:" + ",".join(absolute(x) for x in rest.split(","))
+        data["store"] = absolute(data.get("store"))
+        if "vault_to" in opt:
+            opt = dict(opt, vault_to=absolute(opt["vault_to"]))
     return Job(path=path, name=data["name"], sources=sources, store=data.get("store"),
                endpoint=data.get("endpoint"), profile=data.get("profile"),
                vms=sel.get("vms", []), keyword=sel.get("keyword"), tags=sel.get("tags", []),

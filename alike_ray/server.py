@@ -28,7 +28,7 @@ import time
 
 from storage.errors import StoreError
 
-COMMANDS = ("backup",)  # commands a server runs; others run locally
+COMMANDS = {"backup": "cmd_backup", "job run": "cmd_job_run"}  # what a server runs; the rest runs locally
 START_TIMEOUT = 120
 
 
@@ -116,9 +116,14 @@ def run_remote(args, command: str) -> int:
                           "started (alike server start --address ...)")
     d = {k: v for k, v in vars(args).items() if k not in ("fn", "server") and
          isinstance(v, (str, int, float, bool, list, type(None)))}
-    d["store"] = _absolute_store(d.get("store") or os.environ.get("ALIKE_STORE"))
+    d["store"] = _absolute_store(d.get("store") or (os.environ.get("ALIKE_STORE") if command == "backup" else None))
     if command == "backup":
         d["sources"] = [_absolute_source(s) for s in d.get("sources") or []]
+    if command == "job run":
+        d["file"] = os.path.abspath(d["file"])
+        d["cwd"] = os.getcwd()  # relative paths in the job file are the client's
+        if not d["store"] and os.environ.get("ALIKE_STORE"):  # the job's own store comes first
+            d["alike_store_env"] = _absolute_store(os.environ["ALIKE_STORE"])
     req = {"op": "run", "command": command, "args": d, "tty": sys.stderr.isatty(), "pid": os.getpid()}
     code = None
     try:
@@ -352,12 +357,12 @@ class Server:
             client.send({"exit": 2})
             return
         args = argparse.Namespace(**req.get("args", {}))
-        args.fn = getattr(cli, f"cmd_{command}")
+        args.fn = getattr(cli, COMMANDS[command])
         args.server = None
         args.address = None
         info = {"id": n, "command": command, "client_pid": req.get("pid"),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "what": " ".join(getattr(args, "sources", []) or []) +
+                "what": " ".join(getattr(args, "sources", None) or [getattr(args, "file", "")]) +
                         "".join(f" --vm {v}" for v in (getattr(args, "vm", None) or []))}
         with self.lock:
             self.running[n] = info

@@ -58,6 +58,10 @@ def store_spec(url: str, endpoint: str | None = None, profile: str | None = None
     endpoint and AWS profile. Pipelines pass it along unopened."""
     if url.startswith("s3://"):
         return {"url": url, "endpoint": endpoint, "profile": profile}
+    if "://" not in url:  # absolute here: tasks on Ray workers do not share our working folder
+        import os
+
+        return os.path.abspath(url)
     return url
 
 

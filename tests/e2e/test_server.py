@@ -232,3 +232,32 @@ def test_kvm_cbt_backup_through_server(server, alike, conn, tmp_path):
             assert same(out, want)
     finally:
         kvm_env.remove_domain(dom)
+
+
+def test_job_run_through_server(server, alike, corpus, tmp_path, monkeypatch):
+    """`alike job run --server`: the job file's relative paths (store, image sources) are the
+    client's; per-VM phase lines reach the client; history and versions are those of a local run;
+    a bad job file is the same one-line error."""
+    sock, _ = server
+    monkeypatch.chdir(tmp_path)
+    for n, src in (("web1", "web"), ("db1", "db_raw"), ("web2", "web_day2")):
+        subprocess.run(["cp", "--sparse=always", corpus[src], str(tmp_path / f"{n}.img")], check=True)
+    alike("init", "--store", "ads", check=True)
+    (tmp_path / "j.toml").write_text(
+        'name = "nightly"\nstore = "ads"\nsources = ["image:web1.img", {uri = "image:db1.img", tags = ["prod"]}, '
+        '"image:web2.img"]\n\n[select]\nkeyword = "web"\ntags = ["prod"]\n\n[options]\nparallel = 2\n')
+    p = alike("job", "run", "j.toml", "--server", sock, "--json")
+    assert p.returncode == 0, p.stderr
+    run = json.loads(p.stdout)
+    assert run["status"] == "ok" and sorted(v["vm"] for v in run["vms"]) == ["db1", "web1", "web2"]
+    for phase in ("snapshot", "data acquisition", "metadata commit"):
+        assert f"web1: {phase}" in p.stderr
+    hist = alike.json("job", "history", "--store", str(tmp_path / "ads"))["runs"]
+    assert [h["run_id"] for h in hist] == [run["run_id"]]
+    for v in run["vms"]:
+        out = str(tmp_path / f"{v['vm']}.out")
+        alike("restore", "--store", "ads", f"{v['vm']}@{v['version']}", "--to", out, check=True)
+        assert subprocess.run(["cmp", out, str(tmp_path / f"{v['vm']}.img")]).returncode == 0
+    (tmp_path / "bad.toml").write_text('name = "x"\nstore = "ads"\nsources = ["image:web1.img"]\nfrobnicate = 1\n')
+    p = alike("job", "run", "bad.toml", "--server", sock)
+    assert p.returncode == 2 and "frobnicate" in _no_traceback(p)
