@@ -12,7 +12,7 @@ Under the store's exclusive maintenance lock (storage/locks.py):
    pack is fetched by its hash from the other store; the intact blocks of a pack whose footer
    or tail is damaged are moved too (from the other store, else from the pack itself). Each is
    decoded and checked against its hash before it is written into new packs here
-   (PackBuilder + Store.put_pack, as vault's copy_packs does).
+   (blockcopy.copy_blocks and storage.store.PackSink, shared with vault).
 4. Index. Damaged segments are deleted (nothing can read them; their blocks were just
    re-indexed), then `Store.rewrite_index` drops the entries of the damaged copies and of the
    missing or damaged packs and adds the new copies.

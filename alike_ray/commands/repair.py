@@ -13,8 +13,9 @@ then fetches every damaged or missing block by its hash from --from (checked aga
 before it is written into new packs), copies damaged or missing manifests and version.json files
 whose copy in --from is intact, and rewrites the index so that no entry points at damaged data.
 Damaged pack files stay in place until `alike gc` removes them. Exit 0 when everything was healed,
-3 when some blocks or manifests are damaged in --from too (or missing there). --dry-run only lists
-what would be fetched."""
+3 when some blocks or manifests are damaged in --from too (or missing there), 1 when the repair
+could not finish (a copy worker kept dying, the lock was lost: run it again; the index is
+unchanged), 2 for bad input. --dry-run only lists what would be fetched."""
 
 
 def cmd_repair(args) -> int:
