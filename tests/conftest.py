@@ -52,6 +52,21 @@ class CLI:
         return json.loads(p.stdout)
 
 
+@pytest.fixture(scope="module")
+def conn():
+    """A connection to the real libvirt of this machine (its daemons started when needed); the
+    VMs a test module made (and those of killed runs) are removed before and after it."""
+    from tests import kvm_env
+
+    c, why = kvm_env.start_libvirt()
+    if c is None:
+        pytest.skip(f"libvirt cannot start on this machine: {why}")
+    kvm_env.cleanup_domains(c)
+    yield c
+    kvm_env.cleanup_domains(c)
+    c.close()
+
+
 @pytest.fixture
 def alike(ray_address, tmp_path):
     return CLI(ray_address, tmp_path)

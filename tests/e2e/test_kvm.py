@@ -19,16 +19,6 @@ MiB = images.MiB
 BS = 512 * 1024
 
 
-@pytest.fixture(scope="module")
-def conn():
-    c, why = kvm_env.start_libvirt()
-    if c is None:
-        pytest.skip(f"libvirt cannot start on this machine: {why}")
-    kvm_env.cleanup_domains(c)
-    yield c
-    kvm_env.cleanup_domains(c)
-    c.close()
-
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):

@@ -5,20 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
 
 from tests import kvm_env
 
 
-
-@pytest.fixture(scope="module")
-def conn():
-    c, why = kvm_env.start_libvirt()
-    if c is None:
-        pytest.skip(f"libvirt cannot start on this machine: {why}")
-    yield c
-    kvm_env.cleanup_domains(c)
-    c.close()
 
 
 def test_restore_into_kvm(alike, corpus, conn, tmp_path):

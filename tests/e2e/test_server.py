@@ -193,14 +193,6 @@ def test_server_killed_mid_backup(alike, corpus, tmp_path):
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def conn():
-    c, why = kvm_env.start_libvirt()
-    if c is None:
-        pytest.skip(f"libvirt cannot start on this machine: {why}")
-    yield c
-    c.close()
-
 
 def test_kvm_cbt_backup_through_server(server, alike, conn, tmp_path):
     """A real libvirt VM backed up through the server: the first backup reads what the disk
