@@ -29,7 +29,7 @@ The page cache is dropped before every timed step. VMs, their images, stores and
 are removed at the end of each run, also on failure (and those of dead earlier invocations at the
 start).
 
-    python bench/cbt.py --runs 3            # both scenarios: ~35-45 min on 2 cores; results/cbt.json + latest.md section
+    python bench/cbt.py --runs 3            # both scenarios: ~25-30 min on 2 cores (run 1 ~11 min with its checks); results/cbt.json + latest.md section
     python bench/cbt.py --runs 1 --scenario heavy
     python bench/cbt.py --report-only       # re-render the latest.md section from results/cbt.json
 """
@@ -423,7 +423,9 @@ def scenario_report(key: str, d: dict) -> list[str]:
            + f"; the day changed {meta['changed_bytes'] / 1e6:,.1f} MB"
            + (f" = {100 * meta['changed_bytes'] / used:.1f}% of the data" if used else "")
            + f" ({meta['extents']} extents where vm1-day2.raw differs from vm1.raw in 4 KiB blocks, "
-             f"applied as {meta['writes']} writes)")
+             f"applied as {meta['writes']} writes)"
+           + (f"; alike's {meta['block_size']} blocks holding a change: {meta['changed_in_blocks_bytes'] / 1e6:,.1f} MB "
+              f"(about what a CBT backup reads: each such block whole)" if meta.get("changed_in_blocks_bytes") else ""))
     L.append(f"- {meta.get('corpus_text', 'the 2 GiB corpus of bench.py')}: {geo}.")
     L.append(f"- the VM's disk: {meta.get('disk_text', 'a qcow2 copy of vm1.raw (`qemu-img convert`)')}. "
              f"command: `{meta['command']}`; date: {meta['date']}, host: {meta['host']} ({meta['cpus']} CPUs), "
@@ -552,6 +554,8 @@ def run_scenario(key: str, a, conn, tools, service: tuple[bool, str], argv) -> d
     try:
         extents = diff_extents(images["vm1"], images["vm1-day2"], os.path.join(a.work, sc["extents"]))
         changed = sum(n for _, n in extents)
+        bsz = bench.parse_size(a.block_size)  # alike's blocks that hold a change: what its CBT backup reads
+        touched = len({b for o, n in extents for b in range(o // bsz, (o + n - 1) // bsz + 1)}) * bsz
         log(f"{key}: {logical / 2**30:.0f} GiB disk, {used / 1e9:.2f} GB of data; day-later changes: "
             f"{len(extents)} extents, {changed / 1e6:.1f} MB = {100 * changed / used:.2f}% of the data")
         pieces = write_pieces(extents, images["vm1-day2"], patch_dir) if conn else []
@@ -575,6 +579,7 @@ def run_scenario(key: str, a, conn, tools, service: tuple[bool, str], argv) -> d
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
                 cpus=os.cpu_count(), runs=a.runs, block_size=a.block_size, ray_cpus=a.ray_cpus,
                 logical_bytes=logical, used_bytes=used, extents=len(extents), changed_bytes=changed,
+                changed_in_blocks_bytes=touched,
                 writes=len(pieces),
                 verified=any(r.get("disk_verified") for r in results) and all(
                     r.get("restore_verified") for r in results if r["tool"].startswith("alike") and r["run"] == 1),
