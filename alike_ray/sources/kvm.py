@@ -146,6 +146,22 @@ def _client(host: str, port: int, export: str) -> nbd.NBDClient:
     return c
 
 
+def _maps(host: str, port: int, export: str, bitmap: str | None):
+    """-> (size, allocated extents, dirty extents of `bitmap` or None when it is not exported).
+    One connection per meta context: QEMU 7.2 answers block status on a connection that has
+    negotiated both ~200x slower (0.7 s instead of 4 ms for a 16 GiB disk)."""
+    with nbd.NBDClient(host, port, export, ("base:allocation",)) as c:
+        alloc = nbd.extents(c.block_status("base:allocation"), lambda f: not f & nbd.STATE_ZERO)
+        size = c.size
+    changed = None
+    if bitmap:
+        ctx = "qemu:dirty-bitmap:" + bitmap
+        with nbd.NBDClient(host, port, export, (ctx,)) as c:
+            if ctx in c.contexts:
+                changed = nbd.extents(c.block_status(ctx), lambda f: f & nbd.STATE_DIRTY)
+    return size, alloc, changed
+
+
 class KvmDisk(Disk):
     """One disk of a running backup job, read over NBD. Extents are computed when the snapshot
     is made (by the snapshot actor), so read tasks only read."""
@@ -422,15 +438,7 @@ class KvmSource(Source):
             for d in disks:
                 n = d["name"]
                 export, bitmap = exports.get(n) or (PREFIX + n, None)
-                ctx = ["base:allocation"]
-                if n in incr and bitmap:
-                    ctx.append("qemu:dirty-bitmap:" + bitmap)
-                with nbd.NBDClient(self.nbd_host, port, export, tuple(ctx)) as c:
-                    alloc = nbd.extents(c.block_status("base:allocation"), lambda f: not f & nbd.STATE_ZERO)
-                    changed = None
-                    if len(ctx) > 1 and ctx[1] in c.contexts:
-                        changed = nbd.extents(c.block_status(ctx[1]), lambda f: f & nbd.STATE_DIRTY)
-                    size = c.size
+                size, alloc, changed = _maps(self.nbd_host, port, export, bitmap if n in incr else None)
                 out.append(KvmDisk(n, size, self.nbd_host, port, export, alloc, changed or [],
                                    incr.get(n) if changed is not None else None,
                                    name if n in tracked else None, self.node_id))
@@ -520,13 +528,7 @@ class KvmSource(Source):
                         err += " (is the VM starting, or is another program using the disk?)"
                     raise SourceError(f"VM {vm} is shut off and its disk {n} cannot be opened: {err}")
                 servers.append(pidfile)
-                ctx = ["base:allocation"] + ([f"qemu:dirty-bitmap:{bm}"] if bm else [])
-                with nbd.NBDClient(self.nbd_host, port, export, tuple(ctx)) as c:
-                    alloc = nbd.extents(c.block_status("base:allocation"), lambda f: not f & nbd.STATE_ZERO)
-                    changed = None
-                    if bm and ctx[1] in c.contexts:
-                        changed = nbd.extents(c.block_status(ctx[1]), lambda f: f & nbd.STATE_DIRTY)
-                    size = c.size
+                size, alloc, changed = _maps(self.nbd_host, port, export, bm)
                 marker = base[0] if changed is not None else None
                 out.append(KvmDisk(n, size, self.nbd_host, port, export, alloc, changed or [], marker, marker,
                                    self.node_id))
