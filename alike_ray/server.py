@@ -35,7 +35,7 @@ START_TIMEOUT = 120
 def default_socket() -> str:
     env = os.environ.get("ALIKE_SERVER")
     if env:
-        return env
+        return os.path.abspath(env)
     if os.geteuid() == 0:
         return "/run/alike/server.sock"
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")

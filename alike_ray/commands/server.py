@@ -44,7 +44,9 @@ def register(add, sub) -> None:
 def _sock(args) -> str:
     from ..server import default_socket
 
-    return args.socket or default_socket()
+    import os
+
+    return os.path.abspath(args.socket) if args.socket else default_socket()
 
 
 def cmd_start(args) -> int:
