@@ -31,6 +31,12 @@ class VaultError(StoreError):
     """{detail}"""
 
 
+class VaultFailed(VaultError):
+    """{detail}"""
+
+    exit_code = 1  # not bad input: the run could not finish; running it again goes on
+
+
 def open_target(src: Store, target_spec) -> Store:
     """Open the target store, creating it with the source's block size and hash key."""
     try:
@@ -154,7 +160,7 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
             on_progress(done_bytes, total_bytes)
 
     def died(why):
-        return VaultError(
+        return VaultFailed(
             f"a copy task's worker died more often than it is retried ({why}); the versions "
             "copied so far are whole, nothing partial was committed: run the vault again to go on")
 

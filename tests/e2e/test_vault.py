@@ -89,3 +89,20 @@ def test_vault_interrupted_then_resumed(alike, corpus, s3_bucket, tmp_path):
     assert r["versions_copied"] == 1 and r["blocks_copied"] == 0  # the blocks were already there
     alike.json("restore", "--store", ods, *e, "web", "--to", tmp_path / "w.raw")
     assert same(tmp_path / "w.raw", corpus["web"])
+
+
+def test_vault_copy_worker_keeps_dying(alike, corpus, tmp_path):
+    """Every copy task's worker is killed (on every retry): one error line, exit 1 (the run could
+    not finish; not bad input), no traceback, no version in the target; the next vault completes."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    alike.json("init", "--store", a)
+    alike.json("backup", "--store", a, f"image:{corpus['db']}", "--name", "db")
+    p = alike("vault", "--store", a, "--to", b, env={"ALIKE_CRASH_AT": "vault-task"})
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("alike: error:")]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert len(errors) == 1 and "worker died" in errors[0] and "run the vault again" in errors[0], p.stderr
+    assert alike.json("versions", "--store", b)["versions"] == []
+    r = alike.json("vault", "--store", a, "--to", b)
+    assert r["versions_copied"] == 1
+    alike.json("restore", "--store", b, "db", "--to", tmp_path / "d.raw")
+    assert alike.json("verify", "--store", b)["ok"]
