@@ -119,6 +119,7 @@ def run_remote(args, command: str) -> int:
     d["store"] = _absolute_store(d.get("store") or (os.environ.get("ALIKE_STORE") if command == "backup" else None))
     if command == "backup":
         d["sources"] = [_absolute_source(s) for s in d.get("sources") or []]
+        d["vault_to"] = _absolute_store(d.get("vault_to"))
     if command == "job run":
         d["file"] = os.path.abspath(d["file"])
         d["cwd"] = os.getcwd()  # relative paths in the job file are the client's
