@@ -20,6 +20,13 @@ def store_url(args):
     return store_spec(url, getattr(args, "endpoint", None), getattr(args, "profile", None))
 
 
+def absolute_store(spec, base: str | None = None):
+    """A local store path made absolute (from `base`, else the working folder); URLs as they are."""
+    if not isinstance(spec, str) or not spec or "://" in spec or spec.startswith("s3:"):
+        return spec
+    return os.path.abspath(os.path.join(base, spec) if base else spec)
+
+
 def parse_size(text: str) -> int:
     m = _SIZE.match(str(text).strip())
     if not m:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -158,16 +157,14 @@ def load(path: str, base: str | None = None) -> Job:
     if opt.get("parallel", 1) < 1:
         raise JobError(f"{path}: parallel in [options] must be at least 1")
     if base:
-        def absolute(p):
-            return p if not isinstance(p, str) or "://" in p or os.path.isabs(p) else os.path.join(base, p)
+        from .config import absolute_store
+        from .sources import absolute_source
 
         for s in sources:
-            kind, sep, rest = s["uri"].partition(":")
-            if kind == "image" and sep:
-                s["uri"] = "image:" + ",".join(absolute(x) for x in rest.split(","))
-        data["store"] = absolute(data.get("store"))
+            s["uri"] = absolute_source(s["uri"], base)
+        data["store"] = absolute_store(data.get("store"), base)
         if "vault_to" in opt:
-            opt = dict(opt, vault_to=absolute(opt["vault_to"]))
+            opt = dict(opt, vault_to=absolute_store(opt["vault_to"], base))
     return Job(path=path, name=data["name"], sources=sources, store=data.get("store"),
                endpoint=data.get("endpoint"), profile=data.get("profile"),
                vms=sel.get("vms", []), keyword=sel.get("keyword"), tags=sel.get("tags", []),

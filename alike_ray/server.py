@@ -96,17 +96,16 @@ def status(sock: str) -> dict:
     raise ServerError(f"the alike server at {sock} gave no status")
 
 
-def _absolute_store(spec):
-    if spec and "://" not in spec and not spec.startswith("s3:"):
-        return os.path.abspath(spec)
-    return spec
-
-
-def _absolute_source(spec: str) -> str:
-    kind, sep, rest = spec.partition(":")
-    if kind == "image" and sep and rest:
-        return "image:" + ",".join(os.path.abspath(p) for p in rest.split(","))
-    return spec
+def _refuse_if_running(sock: str) -> None:
+    """A server that answers at `sock` keeps it; a socket file nobody answers is a dead one's."""
+    if not os.path.exists(sock):
+        return
+    try:
+        st = status(sock)
+    except ServerError:
+        return
+    raise ServerError(f"an alike server already runs at {sock} (pid {st.get('pid')}): "
+                      f"stop it first (alike server stop --socket {sock})")
 
 
 def run_remote(args, command: str) -> int:
@@ -116,15 +115,19 @@ def run_remote(args, command: str) -> int:
                           "started (alike server start --address ...)")
     d = {k: v for k, v in vars(args).items() if k not in ("fn", "server") and
          isinstance(v, (str, int, float, bool, list, type(None)))}
-    d["store"] = _absolute_store(d.get("store") or (os.environ.get("ALIKE_STORE") if command == "backup" else None))
+    from .config import absolute_store
+    from .sources import absolute_source
+
+    # paths are the client's: the server has another working folder
+    d["store"] = absolute_store(d.get("store") or (os.environ.get("ALIKE_STORE") if command == "backup" else None))
     if command == "backup":
-        d["sources"] = [_absolute_source(s) for s in d.get("sources") or []]
-        d["vault_to"] = _absolute_store(d.get("vault_to"))
+        d["sources"] = [absolute_source(s) for s in d.get("sources") or []]
+        d["vault_to"] = absolute_store(d.get("vault_to"))
     if command == "job run":
         d["file"] = os.path.abspath(d["file"])
         d["cwd"] = os.getcwd()  # relative paths in the job file are the client's
         if not d["store"] and os.environ.get("ALIKE_STORE"):  # the job's own store comes first
-            d["alike_store_env"] = _absolute_store(os.environ["ALIKE_STORE"])
+            d["alike_store_env"] = absolute_store(os.environ["ALIKE_STORE"])
     req = {"op": "run", "command": command, "args": d, "tty": sys.stderr.isatty(), "pid": os.getpid()}
     code = None
     try:
@@ -284,16 +287,10 @@ class Server:
         return 0
 
     def _claim_socket(self) -> None:
-        d = os.path.dirname(self.sock) or "."
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        _refuse_if_running(self.sock)
+        os.makedirs(os.path.dirname(self.sock) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(self.sock):
-            try:
-                st = status(self.sock)
-                raise ServerError(f"an alike server already runs at {self.sock} (pid {st.get('pid')})")
-            except ServerError as e:
-                if "already runs" in e.message:
-                    raise
-                os.unlink(self.sock)  # left by a server that died
+            os.unlink(self.sock)  # left by a server that died
 
     def stop(self) -> None:
         """Refuse new commands, wait for running ones, then stop serving."""
@@ -402,14 +399,7 @@ class Server:
 def start(sock: str, address: str | None, timeout: float = START_TIMEOUT) -> dict:
     import subprocess
 
-    if os.path.exists(sock):
-        try:
-            st = status(sock)
-            raise ServerError(f"an alike server already runs at {sock} (pid {st.get('pid')}): "
-                              f"stop it first (alike server stop --socket {sock})")
-        except ServerError as e:
-            if "already runs" in e.message:
-                raise
+    _refuse_if_running(sock)
     os.makedirs(os.path.dirname(sock) or ".", mode=0o700, exist_ok=True)
     logp = log_path(sock)
     cmd = [sys.executable, "-m", "alike_ray.server", "--socket", sock] + (["--address", address] if address else [])

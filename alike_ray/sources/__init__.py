@@ -23,4 +23,14 @@ def open_source(spec: str, **options) -> Source:
     raise SourceError(f"source kind {kind!r} is not supported: use image:PATH or kvm:LIBVIRT-URI")
 
 
-__all__ = ["Disk", "Snapshot", "Source", "SourceError", "VMInfo", "open_source"]
+def absolute_source(spec: str, base: str | None = None) -> str:
+    """`image:` paths made absolute (from `base`, else the working folder); other sources as they are."""
+    import os
+
+    kind, sep, rest = spec.partition(":")
+    if kind != "image" or not sep or not rest:
+        return spec
+    return "image:" + ",".join(os.path.abspath(os.path.join(base, p) if base else p) for p in rest.split(","))
+
+
+__all__ = ["Disk", "Snapshot", "Source", "SourceError", "VMInfo", "absolute_source", "open_source"]
