@@ -21,6 +21,7 @@ import traceback
 import numpy as np
 import ray
 
+from storage import patch
 from storage.codec import is_zero
 from storage.index import h32
 from storage.errors import StoreError
@@ -51,21 +52,36 @@ def _runs(blocks: np.ndarray):
 
 
 @ray.remote(max_retries=3)
-def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None):
+def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None,
+                pbase: np.ndarray | None = None, pmask: np.ndarray | None = None):
+    """Munge `blocks` of `disk`; `prev`: the previous version's hash of each (the munge cache).
+    Where `pmask[i]` is set, block i is patched (storage/patch.py): only the granules of the mask
+    are read, and stored as a delta over the whole block `pbase[i]`."""
     crash_point("read-task")
     t_start = time.perf_counter()
     t_read = t_hash = 0.0
-    out_blocks, out_hashes = [], []
-    cand_i, cand_buf = [], []
-    read_bytes = zero = hits = 0
-    bi = -1  # position in `blocks` (and `prev`)
+    out_blocks, out_hashes, out_bases, out_deltas, out_grains = [], [], [], [], []
+    cand_h, cand_buf, cand_patch = [], [], []   # blobs the store may lack
+    read_bytes = zero = hits = patched = 0
+    todo = np.arange(len(blocks))
+    if pmask is not None:
+        todo = np.flatnonzero(pmask == 0)
     runs = []
-    for first, count in _runs(blocks):  # pieces of at most READ_BYTES
+    for first, count in _runs(blocks[todo]):  # pieces of at most READ_BYTES
         step = max(1, READ_BYTES // block_size)
         runs += [(f, min(step, first + count - f)) for f in range(first, first + count, step)]
+    pruns = []  # (position in blocks, [(offset, length)] of its granules)
+    if pmask is not None:
+        grain = patch.grain_size(block_size)
+        for i in np.flatnonzero(pmask != 0):
+            pruns.append((int(i), [(int(blocks[i]) * block_size + o, n) for o, n in patch.runs_of(pmask[i], grain)]))
     if hasattr(disk, "prefetch"):
         for first, count in runs:  # the disk reads ahead while we hash and compress
             disk.prefetch(first * block_size, min(count * block_size, disk.size - first * block_size))
+        for _, pieces in pruns:
+            for off, n in pieces:
+                disk.prefetch(off, n)
+    bi = -1  # position in `todo`
     for first, count in runs:
         off = first * block_size
         length = min(count * block_size, disk.size - off)
@@ -85,45 +101,81 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
                 zero += 1
                 continue
             h = codec.hash(b)
-            j = len(out_blocks)
             out_blocks.append(first + k)
             out_hashes.append(h)
-            if prev is not None and h32(prev[bi]) == h:
+            out_bases.append(b"")
+            out_deltas.append(b"")
+            out_grains.append(0)
+            if prev is not None and h32(prev[todo[bi]]) == h:
                 hits += 1
                 continue
-            cand_i.append(j)
+            cand_h.append(h)
             cand_buf.append(b)
+            cand_patch.append(False)
         t_hash += time.perf_counter() - t1
+    for i, pieces in pruns:
+        t0 = time.perf_counter()
+        buf = np.zeros(sum(n for _, n in pieces), dtype=np.uint8)
+        pos = 0
+        for off, n in pieces:
+            if hasattr(disk, "read_into"):
+                read_bytes += disk.read_into(buf[pos:pos + n], off)
+            else:
+                buf[pos:pos + n] = disk.read(off, n)
+                read_bytes += n
+            pos += n
+        t1 = time.perf_counter()
+        t_read += t1 - t0
+        delta = patch.encode(grain, int(pmask[i]), buf)
+        dh = codec.hash(delta)
+        base = h32(pbase[i])
+        h = patch.row_hash(codec, base, dh)
+        out_blocks.append(int(blocks[i]))
+        out_hashes.append(h)
+        out_bases.append(base)
+        out_deltas.append(dh)
+        out_grains.append(int(pmask[i]))
+        t_hash += time.perf_counter() - t1
+        if prev is not None and h32(prev[i]) == h:
+            hits += 1
+            continue
+        patched += 1
+        cand_h.append(dh)
+        cand_buf.append(delta)
+        cand_patch.append(True)
     t_lookup = time.perf_counter()
-    hashes = np.array(out_hashes, dtype="S32") if out_hashes else EMPTY
     new_idx = np.zeros(0, np.int64)
     lookups = 0
-    if cand_i:
-        cand_i = np.array(cand_i)
-        ch = hashes[cand_i]
+    if cand_h:
+        ch = np.array(cand_h, dtype="S32")
         uniq, first_pos = np.unique(ch, return_index=True)
         lookups = len(uniq)
         found = index.lookup(uniq) if index is not None else np.zeros(len(uniq), bool)
-        new_idx = cand_i[np.sort(first_pos[~found])]
-    pos = {int(j): n for n, j in enumerate(cand_i)} if len(new_idx) else {}
+        new_idx = np.sort(first_pos[~found])
     t_encode = time.perf_counter()
     t_lookup = t_encode - t_lookup
-    stored = [codec.encode(cand_buf[pos[int(j)]]) for j in new_idx]
+    stored = [codec.encode(cand_buf[j]) for j in new_idx]
     t_encode = time.perf_counter() - t_encode
     lens = np.array([len(s) for s in stored], dtype=np.uint32)
     data = np.frombuffer(b"".join(stored), dtype=np.uint8) if stored else np.zeros(0, np.uint8)
+    logical = sum(min(c * block_size, disk.size - f * block_size) for f, c in runs) + len(pruns) * block_size
     return {
         "blocks": np.array(out_blocks, dtype=np.uint64),
-        "hashes": hashes,
-        "new_idx": new_idx,
+        "hashes": np.array(out_hashes, dtype="S32") if out_hashes else EMPTY,
+        "bases": np.array(out_bases, dtype="S32") if out_bases else EMPTY,
+        "deltas": np.array(out_deltas, dtype="S32") if out_deltas else EMPTY,
+        "grains": np.array(out_grains, dtype=np.uint64),
+        "new_hashes": np.array([cand_h[j] for j in new_idx], dtype="S32") if len(new_idx) else EMPTY,
+        "new_patch": np.array([cand_patch[j] for j in new_idx], dtype=bool),
         "lens": lens,
         "data": data,
         "read_bytes": read_bytes,
         "zero_blocks": zero,
         "cache_hits": hits,
+        "patched_blocks": patched,
         "lookups": lookups,
         "node": ray.get_runtime_context().get_node_id(),
-        "logical": int(sum(min(c * block_size, disk.size - f * block_size) for f, c in runs)),
+        "logical": int(logical),
         # seconds in this task, summed over tasks into the version's "task_seconds"
         "times": {"read": t_read, "hash": t_hash, "lookup": t_lookup, "compress": t_encode,
                   "total": time.perf_counter() - t_start},
@@ -215,7 +267,7 @@ class SnapshotActor:
         self.total = sum(
             sum(n for _, n in d.allocated_extents()) for d in snap.disks)
         stats = dict(read_bytes=0, zero_blocks=0, cache_hits=0, index_lookups=0, new_blocks=0,
-                     stored_bytes=0, packs=0, cbt_skipped_blocks=0)
+                     stored_bytes=0, packs=0, cbt_skipped_blocks=0, patched_blocks=0)
         self.builder = PackBuilder()
         self.own = []   # (hashes, pack, offsets, lengths) written by this VM
         disks_meta = []
@@ -229,19 +281,25 @@ class SnapshotActor:
                 if ln > 0:
                     mask[off // bs:(off + ln - 1) // bs + 1] = True
             prev_hash = np.zeros(nblocks, dtype="S32")
+            prev_base = np.zeros(nblocks, dtype="S32")
+            prev_delta = np.zeros(nblocks, dtype="S32")
+            prev_grains = np.zeros(nblocks, dtype=np.uint64)
             # the same disk of the previous version: by name, else by position
             pd = prev_disks.get(disk.name) or (prev_list[dno] if dno < len(prev_list) else None)
             if pd is not None:
                 try:
-                    pb, ph = store.read_manifest(vm, prev[0], pd["manifest"])
+                    pm = store.read_manifest(vm, prev[0], pd["manifest"])
                 except StoreError:  # pruned meanwhile, or damaged: no munge cache for this disk
                     pd = None
-                    pb, ph = np.zeros(0, np.uint64), EMPTY
-                keep = pb < nblocks
-                prev_hash[pb[keep].astype(np.int64)] = ph[keep]
+                else:
+                    keep = pm.blocks < nblocks
+                    at = pm.blocks[keep].astype(np.int64)
+                    prev_hash[at] = pm.hashes[keep]
+                    prev_base[at], prev_delta[at], prev_grains[at] = pm.bases[keep], pm.deltas[keep], pm.grains[keep]
             crash_point("after-previous")
             blocks_out = [np.zeros(0, np.uint64)]
             hashes_out = [EMPTY]
+            bases_out, deltas_out, grains_out = [EMPTY], [EMPTY], [np.zeros(0, np.uint64)]
             changed = None
             if prev is not None and pd is None:
                 stats.setdefault("cbt_notes", []).append(f"disk {disk.name}: new since the previous version; read in full")
@@ -260,10 +318,15 @@ class SnapshotActor:
                 carry = mask & ~cmask & (prev_hash != b"")
                 blocks_out.append(np.flatnonzero(carry).astype(np.uint64))
                 hashes_out.append(prev_hash[carry])
+                bases_out.append(prev_base[carry])
+                deltas_out.append(prev_delta[carry])
+                grains_out.append(prev_grains[carry])
                 stats["cbt_skipped_blocks"] += int(carry.sum())
                 self.done += int(carry.sum()) * bs
                 mask &= cmask
             todo = np.flatnonzero(mask)
+            pmask = self._patch_plan(disk, pd, changed, nblocks, prev_hash, prev_delta, prev_grains)
+            pbase = np.where(prev_delta != b"", prev_base, prev_hash) if pmask is not None else None
             per_task = max(1, TASK_BYTES // bs)
             refs = []
             strategy = {}
@@ -274,13 +337,15 @@ class SnapshotActor:
                 batch = todo[i:i + per_task]
                 if len(refs) >= self.in_flight:
                     ready, refs = ray.wait(refs, num_returns=1)
-                    self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats)
+                    self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out)
                 p = prev_hash[batch] if pd is not None else None
-                refs.append(munge_batch.options(**strategy).remote(disk, codec, bs, batch, p, self.index))
+                extra = (pbase[batch], pmask[batch]) if pmask is not None and pmask[batch].any() else ()
+                refs.append(munge_batch.options(**strategy).remote(disk, codec, bs, batch, p, self.index, *extra))
             while refs:
                 ready, refs = ray.wait(refs, num_returns=1)
-                self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats)
-            manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out)))
+                self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out)
+            manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out), np.concatenate(bases_out),
+                              np.concatenate(deltas_out), np.concatenate(grains_out)))
             crash_point("disk-done")
             disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
         self._flush(stats, wait=True)
@@ -297,8 +362,8 @@ class SnapshotActor:
             np.concatenate([e[2] for e in entries]),
             np.concatenate([e[3] for e in entries]))
         crash_point("before-manifests")
-        for n, (blocks, hashes) in enumerate(manifests):
-            disks_meta[n]["manifest"] = store.write_manifest(vm, version, n, blocks, hashes)
+        for n, (blocks, hashes, bases, deltas, grains) in enumerate(manifests):
+            disks_meta[n]["manifest"] = store.write_manifest(vm, version, n, blocks, hashes, bases, deltas, grains)
             crash_point("manifest")
             disks_meta[n]["blocks"] = int(len(blocks))
         crash_point("before-version")
@@ -327,11 +392,34 @@ class SnapshotActor:
         self.phase = "cleanup"
         return meta
 
-    def _absorb(self, r: dict, blocks_out, hashes_out, stats) -> None:
+    def _patch_plan(self, disk, pd, changed, nblocks, prev_hash, prev_delta, prev_grains):
+        """-> u64 granule mask per block to patch (0: read the block whole), or None.
+
+        A block is patched when changed block tracking says which of its granules were written
+        since the previous version, the previous version has it (the base: that block, or its
+        own base when it was patched itself), it is a whole block of a disk whose size did not
+        change, and the union of its patched granules is at most half the block."""
+        bs = self.store.block_size
+        grain = patch.grain_size(bs)
+        if (changed is None or pd is None or bs // grain < 2 or int(pd.get("size", -1)) != disk.size
+                or os.environ.get("ALIKE_PATCH", "1") == "0"):
+            return None
+        dirty = patch.grain_masks(changed, nblocks, bs)
+        union = dirty | prev_grains
+        ok = (dirty != 0) & (prev_hash != b"") & (patch.popcount(union) * 2 <= bs // grain)
+        ok[disk.size // bs:] = False  # a last, partial block is read whole
+        if not ok.any():
+            return None
+        return np.where(ok, union, np.uint64(0)).astype(np.uint64)
+
+    def _absorb(self, r: dict, blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out) -> None:
         crash_point("absorbed")
         blocks_out.append(r["blocks"])
         hashes_out.append(r["hashes"])
-        for k in ("read_bytes", "zero_blocks", "cache_hits"):
+        bases_out.append(r["bases"])
+        deltas_out.append(r["deltas"])
+        grains_out.append(r["grains"])
+        for k in ("read_bytes", "zero_blocks", "cache_hits", "patched_blocks"):
             stats[k] += r[k]
         stats["index_lookups"] += r["lookups"]
         ts = stats.setdefault("task_seconds", {})
@@ -339,16 +427,19 @@ class SnapshotActor:
             ts[k] = round(ts.get(k, 0.0) + v, 3)
         self.done += r["logical"]
         self.read_nodes.add(r["node"])
-        if not len(r["new_idx"]):
+        nh = r["new_hashes"]
+        if not len(nh):
             return
-        nh = r["hashes"][r["new_idx"]]
         status = self.index.claim(nh, self.owner)
         ends = np.cumsum(r["lens"])
         starts = ends - r["lens"]
         data = r["data"]
-        for i in np.flatnonzero(status == NEW):
+        # a delta another VM of this run is writing too (clones given the same update): written
+        # here as well, since _rewrite could not make it again from the disk
+        own = r["new_patch"] & (status == PENDING)
+        for i in np.flatnonzero((status == NEW) | own):
             self._add(nh[i], data[starts[i]:ends[i]].tobytes(), stats)
-        self.pending.append(nh[status == PENDING])
+        self.pending.append(nh[(status == PENDING) & ~own])
 
     def _add(self, h: bytes, stored: bytes, stats) -> None:
         self.builder.add(h, stored)
@@ -401,7 +492,7 @@ class SnapshotActor:
     def _rewrite(self, snap, manifests, missing, stats):
         bs, codec = self.store.block_size, self.store.codec
         want = set(h32(h) for h in missing)
-        for disk, (blocks, hashes) in zip(snap.disks, manifests):
+        for disk, (blocks, hashes, *_) in zip(snap.disks, manifests):
             for b, h in zip(blocks, hashes):
                 h = h32(h)
                 if h not in want:

@@ -55,13 +55,13 @@ class GCWaitTimeout(StoreError):
 
 
 def _mark(store: Store, versions: list[tuple[str, str]], threads: int = 8) -> tuple[np.ndarray, list[str]]:
-    """-> sorted distinct hashes used by `versions`. A version whose manifests cannot be read
+    """-> sorted distinct hashes of the blobs `versions` use (whole blocks, bases and deltas). A version whose manifests cannot be read
     stops the gc (its blocks would look unused), unless it was pruned meanwhile."""
     def one(vv):
         vm, v = vv
         try:
             meta = store.read_version(vm, v)
-            return [store.read_manifest(vm, v, d["manifest"])[1] for d in meta["disks"]]
+            return [store.read_manifest(vm, v, d["manifest"]).blobs() for d in meta["disks"]]
         except ObjectMissing:
             if not store.backend.exists(f"versions/{vm}/{v}/version.json"):
                 return []  # pruned while we read: its blocks are free to go

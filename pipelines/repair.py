@@ -87,9 +87,10 @@ def _meta(raw: bytes) -> dict | None:
 def _manifest_ok(store: Store, vm, v, d: dict, index=None) -> tuple[bool, np.ndarray | None, str]:
     """-> (intact?, its hashes, why not)."""
     try:
-        blocks, hashes = store.read_manifest(vm, v, d["manifest"])
+        m = store.read_manifest(vm, v, d["manifest"])
     except StoreError as e:
         return False, None, e.message
+    blocks, hashes = m.blocks, m.blobs()  # patched blocks need their base and delta blobs
     if "blocks" in d and int(d["blocks"]) != len(blocks):
         return False, hashes, f"lists {len(blocks)} blocks, its version.json {d['blocks']}"
     if index is not None and len(hashes) and not index.lookup(hashes)[0].all():

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from storage.errors import DamagedData, ObjectMissing, StoreError, StoreFull
+from storage import patch
 from storage.index import h32
 from storage.locks import store_lock
 from storage.store import Store
@@ -60,6 +61,7 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
     fds = {}
     written = 0
     packs, offs, lens, hashes, disks, blocks = (rows[k] for k in ("pack", "off", "len", "hash", "disk", "block"))
+    deltas = rows.get("delta")
 
     def fetch(span):
         i, j, start, end = span
@@ -78,11 +80,20 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
                         stored = data_span[key - start:key - start + int(lens[k])]
                         data = codec.decode(stored, h32(hashes[k]), where=f"in pack {packs[i]} at offset {key}")
                         last_key = key
+                    block = data
+                    if deltas is not None and deltas[k] != b"":  # a patched block: its base, then its delta
+                        dp, do, dl = rows["dpack"][k], int(rows["doff"][k]), int(rows["dlen"][k])
+                        try:
+                            stored = store.read_stored(dp, do, dl)
+                        except ObjectMissing as e:
+                            raise DamagedData(f"pack {dp} is missing or truncated ({e.detail})") from None
+                        where = f"in pack {dp} at offset {do}"
+                        block = patch.apply(data, codec.decode(stored, h32(deltas[k]), where=where), where)
                     fd = fds.get(int(disks[k]))
                     if fd is None:
                         fd = fds[int(disks[k])] = os.open(paths[int(disks[k])], os.O_WRONLY)
-                    os.pwrite(fd, data, int(blocks[k]) * bs)
-                    written += len(data)
+                    os.pwrite(fd, block, int(blocks[k]) * bs)
+                    written += len(block)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFull(os.path.dirname(paths[0]) or ".") from None
@@ -116,22 +127,35 @@ def plan(store: Store, index: IndexClient, vm: str, version: str, disks: list[in
     for pos, n in enumerate(disks):
         d = meta["disks"][n]
         try:
-            b, h = store.read_manifest(vm, version, d["manifest"])
+            m = store.read_manifest(vm, version, d["manifest"])
         except ObjectMissing:  # version.json says it is there: the version is damaged
             raise DamagedData(f"the manifest of {vm}@{version} disk {d.get('name', n)} is missing "
                               "(restore it with `alike repair --from` the other store)") from None
-        parts.append((np.full(len(b), pos, np.int32), b, h))
+        b, h, p = m.blocks, m.hashes, m.patched()
+        # the blob read first: the block itself, or a patched block's base (then its delta)
+        parts.append((np.full(len(b), pos, np.int32), b, np.where(p, m.bases, h), m.deltas))
     disks = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     blocks = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)
     hashes = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, "S32")
-    uniq, inv = np.unique(hashes, return_inverse=True)
+    deltas = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, "S32")
+    patched = deltas != b""
+    uniq, inv = np.unique(np.concatenate([hashes, deltas[patched]]), return_inverse=True)
     found, packs, off, ln, _ = index.locate(uniq)
     if not found.all():
         missing = uniq[~found]
         raise DamagedData(
             f"{len(missing)} block(s) of {vm}@{version} are not in the index "
             f"(first {missing[0].hex()[:16]})")
-    rows = {"pack": packs[inv], "off": off[inv], "len": ln[inv], "hash": hashes, "disk": disks, "block": blocks}
+    n = len(hashes)
+    rows = {"pack": packs[inv[:n]], "off": off[inv[:n]], "len": ln[inv[:n]], "hash": hashes, "disk": disks,
+            "block": blocks}
+    if patched.any():
+        rows["delta"] = deltas
+        di = np.zeros(n, np.int64)
+        di[patched] = inv[n:]
+        rows["dpack"] = np.where(patched, packs[di], "")
+        rows["doff"] = np.where(patched, off[di], 0)
+        rows["dlen"] = np.where(patched, ln[di], 0)
     order = np.lexsort((rows["off"], rows["pack"].astype(str)))
     return meta, {k: v[order] for k, v in rows.items()}
 

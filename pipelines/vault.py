@@ -127,7 +127,7 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
     metas, manifests = {}, {}
     for vm, v in todo:
         metas[(vm, v)] = src.read_version(vm, v)
-        manifests[(vm, v)] = [src.read_manifest(vm, v, d["manifest"])[1] for d in metas[(vm, v)]["disks"]]
+        manifests[(vm, v)] = [src.read_manifest(vm, v, d["manifest"]).blobs() for d in metas[(vm, v)]["disks"]]
     allh = np.unique(np.concatenate([h for hs in manifests.values() for h in hs] + [np.zeros(0, "S32")]))
     dst_index = LocalIndex(dst_spec)
     try:

@@ -223,10 +223,10 @@ def read_versions(store: Store, scan: Scan) -> None:
         for d in disks:
             key = f"versions/{vm}/{v}/{d['manifest']}"
             try:
-                blocks, hashes = store.read_manifest(vm, v, d["manifest"])
-                if "blocks" in d and int(d["blocks"]) != len(blocks):
-                    raise DamagedData(f"manifest {key} lists {len(blocks)} blocks, its version.json {d['blocks']}")
-                scan.disks.append((vm, v, d["name"], hashes))
+                m = store.read_manifest(vm, v, d["manifest"])
+                if "blocks" in d and int(d["blocks"]) != len(m.blocks):
+                    raise DamagedData(f"manifest {key} lists {len(m.blocks)} blocks, its version.json {d['blocks']}")
+                scan.disks.append((vm, v, d["name"], m.blobs()))
             except StoreError as e:
                 scan.problems.append(f"{vm}@{v} disk {d['name']}: {e.message}")
                 scan.damaged_metadata.append((vm, v, key, e.message))

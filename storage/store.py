@@ -40,6 +40,33 @@ def new_version_id(now: _dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%d-%H%M%S-") + f"{now.microsecond // 1000:03d}"
 
 
+class Manifest(tuple):
+    """One disk of a version: `blocks` (u64, ascending) and their `hashes` (S32); for patched
+    blocks (storage/patch.py) also `bases`, `deltas` (S32, empty for a block stored whole) and
+    `grains` (u64 granule masks, 0 for a block stored whole). Unpacks as (blocks, hashes)."""
+
+    def __new__(cls, blocks, hashes, bases=None, deltas=None, grains=None):
+        self = super().__new__(cls, (blocks, hashes))
+        n = len(blocks)
+        self.blocks, self.hashes = blocks, hashes
+        self.bases = bases if bases is not None else np.zeros(n, "S32")
+        self.deltas = deltas if deltas is not None else np.zeros(n, "S32")
+        self.grains = grains if grains is not None else np.zeros(n, np.uint64)
+        return self
+
+    def patched(self) -> np.ndarray:
+        """bool per row: stored as base + delta."""
+        return self.deltas != b""
+
+    def blobs(self) -> np.ndarray:
+        """The stored blobs this disk needs (not distinct): each whole block's hash, each
+        patched block's base and delta."""
+        p = self.patched()
+        if not p.any():
+            return self.hashes
+        return np.concatenate([self.hashes[~p], self.bases[p], self.deltas[p]])
+
+
 class PackSink:
     """Blocks, already stored (compressed), gathered into new packs of a store: each pack is put
     once it reaches TARGET_PACK, and `after_put()` is called after each (the crash tests stop
@@ -288,23 +315,35 @@ class Store:
         except Exception:
             raise DamagedData(f"{key} does not parse") from None
 
-    def write_manifest(self, vm: str, version: str, disk_no: int, blocks: np.ndarray, hashes: np.ndarray) -> str:
+    def write_manifest(self, vm: str, version: str, disk_no: int, blocks: np.ndarray, hashes: np.ndarray,
+                       bases: np.ndarray | None = None, deltas: np.ndarray | None = None,
+                       grains: np.ndarray | None = None) -> str:
+        """One disk's manifest: block number -> hash, and for patched blocks (storage/patch.py)
+        their base, delta and granule mask (columns written only when a block is patched)."""
         name = f"disk-{disk_no}.parquet"
         order = np.argsort(blocks, kind="stable")
-        table = pa.table({"block": pa.array(np.asarray(blocks, np.uint64)[order]),
-                          "hash": _index.hashes_to_arrow(hashes[order])})
+        cols = {"block": pa.array(np.asarray(blocks, np.uint64)[order]),
+                "hash": _index.hashes_to_arrow(np.asarray(hashes, "S32")[order])}
+        if deltas is not None and (np.asarray(deltas, "S32") != b"").any():
+            cols["base"] = _index.hashes_to_arrow(np.asarray(bases, "S32")[order])
+            cols["delta"] = _index.hashes_to_arrow(np.asarray(deltas, "S32")[order])
+            cols["grains"] = pa.array(np.asarray(grains, np.uint64)[order])
         out = io.BytesIO()
-        pq.write_table(table, out, compression="zstd")
+        pq.write_table(pa.table(cols), out, compression="zstd")
         self.backend.put(f"versions/{vm}/{version}/{name}", out.getvalue())
         return name
 
-    def read_manifest(self, vm: str, version: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """-> (block numbers u64, hashes S32) of the non-zero blocks, in block order."""
+    def read_manifest(self, vm: str, version: str, name: str) -> "Manifest":
+        """-> the Manifest of the non-zero blocks, in block order; it unpacks as (blocks, hashes)."""
         key = f"versions/{vm}/{version}/{name}"
         raw = self.backend.get(key)
         try:
             t = pq.read_table(pa.BufferReader(raw))
-            return t.column("block").to_numpy(), _index.arrow_to_hashes(t.column("hash"))
+            blocks, hashes = t.column("block").to_numpy(), _index.arrow_to_hashes(t.column("hash"))
+            if "delta" in t.column_names:
+                return Manifest(blocks, hashes, _index.arrow_to_hashes(t.column("base")),
+                                _index.arrow_to_hashes(t.column("delta")), t.column("grains").to_numpy())
+            return Manifest(blocks, hashes)
         except Exception as e:
             raise DamagedData(f"manifest {key} does not parse ({e})") from None
 

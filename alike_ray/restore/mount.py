@@ -22,6 +22,7 @@ import numpy as np
 
 from pipelines.index import LocalIndex
 from storage.errors import StoreError
+from storage import patch
 from storage.index import h32
 from storage.store import Store
 
@@ -89,11 +90,28 @@ class StoreView:
 
     def block(self, vm: str, v: str, disk: dict, n: int) -> bytes | None:
         """Block n of a disk, or None for a zero block."""
-        blocks, hashes = self.manifest(vm, v, disk)
-        i = int(np.searchsorted(blocks, n))
-        if i >= len(blocks) or int(blocks[i]) != n:
+        m = self.manifest(vm, v, disk)
+        i = int(np.searchsorted(m.blocks, n))
+        if i >= len(m.blocks) or int(m.blocks[i]) != n:
             return None
-        h = h32(hashes[i])
+        if m.deltas[i] != b"":  # a patched block: its base with its delta over it
+            h = h32(m.hashes[i])
+            with self.lock:
+                data = self.cache.get(h)
+            if data is None:
+                data = patch.apply(self.blob(h32(m.bases[i])), self.blob(h32(m.deltas[i])), f"of block {n}")
+                self._keep(h, data)
+            return data
+        return self.blob(h32(m.hashes[i]))
+
+    def _keep(self, h: bytes, data: bytes) -> None:
+        with self.lock:
+            self.cache[h] = data
+            while len(self.cache) > self.cache_max:
+                self.cache.popitem(last=False)
+
+    def blob(self, h: bytes) -> bytes:
+        """A stored blob by its hash, decoded and checked (cached)."""
         with self.lock:
             data = self.cache.get(h)
             if data is not None:
@@ -104,10 +122,7 @@ class StoreView:
             raise OSError(errno.EIO, "block not in the index")
         stored = self.store.read_stored(packs[0], int(off[0]), int(ln[0]))
         data = self.store.codec.decode(stored, h, where=f"in pack {packs[0]}")
-        with self.lock:
-            self.cache[h] = data
-            while len(self.cache) > self.cache_max:
-                self.cache.popitem(last=False)
+        self._keep(h, data)
         return data
 
     def read(self, vm: str, v: str, disk: dict, offset: int, size: int) -> bytes:
