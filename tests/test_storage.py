@@ -126,6 +126,55 @@ def test_manifest_roundtrip(tmp_path):
     assert st.list_versions() == [("vm", "v1")]
 
 
+def test_manifest_with_patched_blocks(tmp_path):
+    """A manifest with a patched block keeps its base, delta and granule mask; its blobs are the
+    whole blocks' hashes and the patched block's base and delta, never its row hash."""
+    st = Store.init(str(tmp_path / "s"))
+    blocks = np.array([3, 1], np.uint64)
+    hashes = np.array([b"r" * 32, b"w" * 32], dtype="S32")
+    bases = np.array([b"B" * 32, b""], dtype="S32")
+    deltas = np.array([b"D" * 32, b""], dtype="S32")
+    grains = np.array([0b101, 0], np.uint64)
+    name = st.write_manifest("vm", "v1", 0, blocks, hashes, bases, deltas, grains)
+    m = st.read_manifest("vm", "v1", name)
+    b, h = m
+    assert list(b) == [1, 3] and list(h) == [b"w" * 32, b"r" * 32]
+    assert list(m.patched()) == [False, True] and list(m.grains) == [0, 0b101]
+    assert sorted(m.blobs()) == [b"B" * 32, b"D" * 32, b"w" * 32]
+    # no patched block: the old two-column manifest
+    name = st.write_manifest("vm", "v2", 0, blocks, hashes, np.zeros(2, "S32"), np.zeros(2, "S32"), np.zeros(2, np.uint64))
+    m = st.read_manifest("vm", "v2", name)
+    assert not m.patched().any() and sorted(m.blobs()) == sorted(hashes)
+
+
+def test_patch_encode_apply():
+    from storage import patch
+    from storage.errors import DamagedData
+
+    bs = 512 * 1024
+    g = patch.grain_size(bs)
+    assert g == 64 * 1024 and patch.grain_size(4 << 20) == 64 * 1024 and patch.grain_size(1 << 23) == 128 * 1024
+    base = os.urandom(bs)
+    new = bytearray(base)
+    new[g + 5:g + 100] = b"x" * 95          # granule 1
+    new[6 * g:7 * g + 1] = b"y" * (g + 1)   # granules 6 and 7
+    mask = 0b11000010
+    assert patch.runs_of(mask, g) == [(g, g), (6 * g, 2 * g)]
+    data = b"".join(bytes(new[o:o + n]) for o, n in patch.runs_of(mask, g))
+    delta = patch.encode(g, mask, data)
+    assert patch.apply(base, delta) == bytes(new)
+    with pytest.raises(DamagedData, match="does not fit"):
+        patch.apply(base, delta[:-1])
+    with pytest.raises(DamagedData, match="does not fit"):
+        patch.apply(base[:6 * g], delta)
+    # granules each extent touches, per block
+    m = patch.grain_masks([(g - 1, 2), (bs + 7 * g, g + 1), (3 * bs - 1, 1)], 3, bs)
+    assert list(m) == [0b11, 0b1000_0000, 0b1000_0001]
+    m2 = patch.grain_masks([(bs + 7 * g, g + 1)], 3, bs)
+    assert list(m2) == [0, 0b1000_0000, 0b1]
+    assert list(patch.popcount(np.array([0, 0b1011, 2**64 - 1], np.uint64))) == [0, 3, 64]
+
+
 def test_disk_full_is_a_clear_error(tmp_path):
     """A real full filesystem: a 1 MiB tmpfs (needs root to mount; skipped otherwise)."""
     mnt = tmp_path / "small"
