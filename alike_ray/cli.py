@@ -85,13 +85,14 @@ def cmd_backup(args) -> int:
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "cbt", "cbt_notes", "read_nodes", "seconds", "phase_seconds",
+            "cache_hits", "index_lookups", "packs", "cbt", "patched_blocks", "cbt_notes", "read_nodes", "seconds", "phase_seconds",
             "task_seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:
+            patched = f" ({r['patched_blocks']} patched)" if r.get("patched_blocks") else ""
             out(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
-                  f"{r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored, {r['seconds']:.1f}s")
+                  f"{r['new_blocks']} new blocks{patched}, {_h(r['stored_bytes'])} stored, {r['seconds']:.1f}s")
     elif len(results) == 1 and ok:
         out(json.dumps(ok[0]))
     else:
@@ -274,8 +275,8 @@ def cmd_job_run(args) -> int:
                     entry["error"] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                     code = max(code, 1)
             print(f"retention {where}: " + jobs.retention_text(entry), file=sys.stderr, flush=True)
-    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "cbt_notes",
-            "seconds", "vaulted", "vault_error", "error")
+    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "patched_blocks",
+            "cbt_notes", "seconds", "vaulted", "vault_error", "error")
     record.update(status="ok" if code == 0 else "failed",
                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   seconds=round(time.time() - t0, 3),

@@ -401,8 +401,7 @@ class SnapshotActor:
         change, and the union of its patched granules is at most half the block."""
         bs = self.store.block_size
         grain = patch.grain_size(bs)
-        if (changed is None or pd is None or bs // grain < 2 or int(pd.get("size", -1)) != disk.size
-                or os.environ.get("ALIKE_PATCH", "1") == "0"):
+        if changed is None or pd is None or bs // grain < 2 or int(pd.get("size", -1)) != disk.size:
             return None
         dirty = patch.grain_masks(changed, nblocks, bs)
         union = dirty | prev_grains
