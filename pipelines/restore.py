@@ -49,6 +49,28 @@ def _spans(packs, offs, lens):
     return out
 
 
+def _fetch_deltas(rows: dict, read, pool) -> dict:
+    """The stored deltas of the patched rows, by row: read first, in few reads (the deltas of
+    one backup lie next to each other in its packs)."""
+    deltas = rows.get("delta")
+    if deltas is None:
+        return {}
+    dk = np.flatnonzero(deltas != b"")
+    order = np.lexsort((rows["doff"][dk], rows["dpack"][dk].astype(str)))
+    dk = dk[order]
+    dp, do, dl = rows["dpack"][dk], rows["doff"][dk], rows["dlen"][dk]
+
+    def one(span):
+        i, j, start, end = span
+        data = read(dp[i], start, end)
+        return [(int(dk[k]), data[int(do[k]) - start:int(do[k]) - start + int(dl[k])]) for k in range(i, j)]
+
+    out = {}
+    for part in pool.map(one, _spans(dp, do, dl)):
+        out.update(part)
+    return out
+
+
 @ray.remote(max_retries=2, num_cpus=0.5)
 def restore_batch(store_url, paths: list[str], rows: dict) -> int:
     """Write the blocks of `rows` (sorted by pack, offset) into the files `paths`: reads run a
@@ -63,15 +85,19 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
     packs, offs, lens, hashes, disks, blocks = (rows[k] for k in ("pack", "off", "len", "hash", "disk", "block"))
     deltas = rows.get("delta")
 
+    def read(pack, start, end):
+        try:
+            return store.read_stored(pack, start, end - start)
+        except ObjectMissing as e:
+            raise DamagedData(f"pack {pack} is missing or truncated ({e.detail})") from None
+
     def fetch(span):
         i, j, start, end = span
-        try:
-            return span, store.read_stored(packs[i], start, end - start)
-        except ObjectMissing as e:
-            raise DamagedData(f"pack {packs[i]} is missing or truncated ({e.detail})") from None
+        return span, read(packs[i], start, end)
 
     try:
         with ThreadPoolExecutor(FETCHERS) as pool:
+            stored_deltas = _fetch_deltas(rows, read, pool)
             for (i, j, start, end), data_span in pool.map(fetch, _spans(packs, offs, lens)):
                 last_key, data = None, None
                 for k in range(i, j):
@@ -82,13 +108,8 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
                         last_key = key
                     block = data
                     if deltas is not None and deltas[k] != b"":  # a patched block: its base, then its delta
-                        dp, do, dl = rows["dpack"][k], int(rows["doff"][k]), int(rows["dlen"][k])
-                        try:
-                            stored = store.read_stored(dp, do, dl)
-                        except ObjectMissing as e:
-                            raise DamagedData(f"pack {dp} is missing or truncated ({e.detail})") from None
-                        where = f"in pack {dp} at offset {do}"
-                        block = patch.apply(data, codec.decode(stored, h32(deltas[k]), where=where), where)
+                        where = f"in pack {rows['dpack'][k]} at offset {int(rows['doff'][k])}"
+                        block = patch.apply(data, codec.decode(stored_deltas[k], h32(deltas[k]), where=where), where)
                     fd = fds.get(int(disks[k]))
                     if fd is None:
                         fd = fds[int(disks[k])] = os.open(paths[int(disks[k])], os.O_WRONLY)
@@ -195,7 +216,7 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
                 f.truncate(int(d["size"]))
         total = int(sum(d["size"] for d in chosen))
         # batches of about TASK_BYTES of stored data, never splitting a pack's run of rows
-        cum = np.cumsum(rows["len"].astype(np.int64))
+        cum = np.cumsum(rows["len"].astype(np.int64) + rows.get("dlen", np.zeros(1, np.int64)).astype(np.int64))
         refs, start, n = [], 0, len(cum)
         while start < n:
             base = cum[start - 1] if start else 0
