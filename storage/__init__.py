@@ -5,7 +5,8 @@ Layout (identical on a directory and on S3, so that an ODS is a copy of an ADS):
     config.json                 store id, format version, block size, hash key, compression
     packs/<xx>/<pack-id>        zstd-compressed blocks appended, then a footer index
     index/<x>/<segment>.parquet immutable (hash -> pack, offset, length) segments, by hash nibble
-    versions/<vm>/<version>/    disk-<n>.parquet manifests (block number -> hash), version.json last
+    versions/<vm>/<version>/    disk-<n>.parquet manifests (block number -> hash; for a patched
+                                block also base, delta, granule mask: storage/patch.py), version.json last
     locks/<kind>-<id>.json      who writes or reads, and since when (storage/locks.py)
     pins/<vm>/<version>.json    pinned versions: never pruned
     gc/<id>.json (+.entries)    a gc's condemned packs, until its sweep is done (pipelines/gc.py)
@@ -19,7 +20,10 @@ Invariants:
   objects behind, never a visible partial version;
 - a version is removed version.json first, so it vanishes whole;
 - a pack is deleted only by gc, after its index entries are gone and every writer that could
-  have seen them has finished; a block some committed version uses is never deleted.
+  have seen them has finished; a block some committed version uses is never deleted;
+- the blocks a version uses are its manifests' whole blocks plus, for each patched block, its
+  base (always a whole block) and its delta (`Manifest.blobs`): a restore of any block reads at
+  most two stored blocks.
 
 `storage` imports neither `pipelines` nor `alike_ray`.
 """
