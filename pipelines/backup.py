@@ -51,6 +51,14 @@ def _runs(blocks: np.ndarray):
     return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
+def _read_into(disk, buf: np.ndarray, off: int) -> int:
+    """Fill `buf` from the disk at `off`. -> bytes read (a source may skip holes)."""
+    if hasattr(disk, "read_into"):
+        return disk.read_into(buf, off)
+    buf[:] = disk.read(off, len(buf))
+    return len(buf)
+
+
 @ray.remote(max_retries=3)
 def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None,
                 pbase: np.ndarray | None = None, pmask: np.ndarray | None = None):
@@ -87,11 +95,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         length = min(count * block_size, disk.size - off)
         t0 = time.perf_counter()
         buf = np.zeros(length, dtype=np.uint8)
-        if hasattr(disk, "read_into"):
-            read_bytes += disk.read_into(buf, off)
-        else:
-            buf[:] = disk.read(off, length)
-            read_bytes += length
+        read_bytes += _read_into(disk, buf, off)
         t1 = time.perf_counter()
         t_read += t1 - t0
         for k in range(count):
@@ -118,11 +122,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         buf = np.zeros(sum(n for _, n in pieces), dtype=np.uint8)
         pos = 0
         for off, n in pieces:
-            if hasattr(disk, "read_into"):
-                read_bytes += disk.read_into(buf[pos:pos + n], off)
-            else:
-                buf[pos:pos + n] = disk.read(off, n)
-                read_bytes += n
+            read_bytes += _read_into(disk, buf[pos:pos + n], off)
             pos += n
         t1 = time.perf_counter()
         t_read += t1 - t0
