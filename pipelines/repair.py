@@ -25,8 +25,8 @@ blocks any more, and `alike gc` removes it once nothing references it.
 """
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -34,6 +34,7 @@ import ray
 from storage.errors import ObjectMissing, StoreError
 from storage.index import h32
 from storage.locks import store_lock
+from storage.objects import digest
 from storage.store import Store
 
 from .blockcopy import copy_blocks, run_copy_tasks
@@ -76,18 +77,22 @@ UNINDEXED = "names blocks that no index segment holds"
 
 
 # -- metadata ----------------------------------------------------------------------------------
-def _meta(raw: bytes) -> dict | None:
+def _meta(store: Store, vm, v) -> dict | None:
+    """version.json of vm@v on `store` if it is intact (passes its check, lists disks), else None."""
     try:
-        m = json.loads(raw)
-        return m if isinstance(m, dict) and isinstance(m.get("disks"), list) else None
-    except Exception:
+        m = store.read_version(vm, v)
+    except ObjectMissing:
+        raise
+    except StoreError:
         return None
+    ok = isinstance(m.get("disks"), list) and all(isinstance(d, dict) and "manifest" in d for d in m["disks"])
+    return m if ok else None
 
 
 def _manifest_ok(store: Store, vm, v, d: dict, index=None) -> tuple[bool, np.ndarray | None, str]:
-    """-> (intact?, its hashes, why not)."""
+    """-> (intact?, its hashes, why not). Intact: its bytes pass the check that `d` records."""
     try:
-        m = store.read_manifest(vm, v, d["manifest"])
+        m = store.read_manifest(vm, v, d)
     except StoreError as e:
         return False, None, e.message
     blocks, hashes = m.blocks, m.blobs()  # patched blocks need their base and delta blobs
@@ -98,51 +103,81 @@ def _manifest_ok(store: Store, vm, v, d: dict, index=None) -> tuple[bool, np.nda
     return True, hashes, ""
 
 
+@dataclass
+class Copy:
+    """One metadata object to replace with the other store's copy: a manifest (`disk`: its entry
+    in the version.json the version will have) or a version.json (`meta`)."""
+    key: str
+    why: str
+    vm: str
+    version: str
+    disk: dict | None = None
+    meta: dict | None = None
+
+
 def plan_metadata(store: Store, other: Store, other_index, local_index) -> tuple[list, list, list, set]:
-    """-> (copies [(key, why)], hashes the copied manifests use, unrepairable [(what, why)],
+    """-> (copies [Copy], hashes the copied manifests use, unrepairable [(what, why)],
     (vm, version, disk name) whose manifest or version.json is replaced)."""
     copies, hashes, bad, replaced = [], [], [], set()
     theirs = set(other.list_versions())
     for vm, v in store.list_versions():
         base = f"versions/{vm}/{v}/"
-        mine = None
         try:
-            mine = _meta(store.backend.get(base + "version.json"))
+            mine = _meta(store, vm, v)
         except ObjectMissing:
-            pass
+            continue  # pruned meanwhile
+        other_meta = None
+        if (vm, v) in theirs:
+            try:
+                other_meta = _meta(other, vm, v)
+            except ObjectMissing:
+                pass
         if mine is None:
-            other_meta = _meta(other.backend.get(base + "version.json")) if (vm, v) in theirs else None
             if other_meta is None:
                 bad.append((f"{vm}@{v}", "version.json is damaged and the other store has no intact copy"))
                 continue
-            copies.append((base + "version.json", "version.json damaged"))
-            replaced.add((vm, v, "version.json"))
             meta, from_other = other_meta, True
         else:
             meta, from_other = mine, False
+        rewrite_meta = from_other
         for d in meta["disks"]:
             ok, _, why = _manifest_ok(store, vm, v, d, local_index)
             readable = ok or why == UNINDEXED  # then the blocks phase fetches what it lacks
-            if ok and not from_other:
+            if ok:
                 continue
-            try:  # the same bytes there: a problem of blocks or of our version.json, not of this manifest
-                if store.backend.get(base + d["manifest"]) == other.backend.get(base + d["manifest"]):
-                    continue
-            except ObjectMissing:
-                pass
-            their_ok, their_h, their_why = (_manifest_ok(other, vm, v, d, other_index) if (vm, v) in theirs
+            # the other store's copy, checked against its own version.json
+            od = next((x for x in (other_meta or {}).get("disks", []) if x.get("manifest") == d["manifest"]), None)
+            their_ok, their_h, their_why = (_manifest_ok(other, vm, v, od, other_index) if od is not None
                                             else (False, None, "the other store does not hold this version"))
             if not their_ok:
                 if readable:
                     continue
                 bad.append((f"{vm}@{v} disk {d.get('name')}", f"manifest {why}; the other store's: {their_why}"))
                 continue
-            copies.append((base + d["manifest"], f"manifest {why or 'differs from its version.json'}"))
+            copies.append(Copy(base + d["manifest"], f"manifest {why or 'differs from its version.json'}", vm, v, disk=od))
             replaced.add((vm, v, d.get("name")))
             hashes.append(their_h)
+            if od.get("manifest_blake3") != d.get("manifest_blake3"):
+                d["manifest_blake3"] = od.get("manifest_blake3")
+                rewrite_meta = True  # our version.json must name the bytes it now has
+        if rewrite_meta:
+            copies.append(Copy(base + "version.json", "version.json damaged" if from_other else
+                               "version.json names the replaced manifest's check", vm, v, meta=meta))
+            replaced.add((vm, v, "version.json"))
     # manifests before version.json: a version never points at a manifest that is not there yet
-    copies.sort(key=lambda c: c[0].endswith("version.json"))
+    copies.sort(key=lambda c: c.meta is not None)
     return copies, hashes, bad, replaced
+
+
+def apply_copy(store: Store, other: Store, c: Copy) -> None:
+    if c.meta is None:
+        store.backend.put(c.key, other.read_manifest_bytes(c.vm, c.version, c.disk))
+        return
+    meta = dict(c.meta, disks=[dict(d) for d in c.meta["disks"]])
+    for d in meta["disks"]:  # a version of a format-1 store gains its checks
+        if "manifest_blake3" not in d:
+            d["manifest_blake3"] = digest(store.backend.get(f"versions/{c.vm}/{c.version}/{d['manifest']}"))
+    store.commit_version(c.vm, c.version, meta)
 
 
 # -- blocks --------------------------------------------------------------------------------------
@@ -210,11 +245,11 @@ def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase, lock
     local_index = load_index(store)
     phase("checking version.json files and manifests")
     copies, meta_hashes, meta_bad, replaced = plan_metadata(store, other, other_index, local_index)
-    for key, why in copies:
-        rep["metadata_copied"].append({"key": key, "why": why})
+    for c in copies:
+        rep["metadata_copied"].append({"key": c.key, "why": c.why})
         if not dry_run:
             lock.check()
-            store.backend.put(key, other.backend.get(key))
+            apply_copy(store, other, c)
     rep["unrepairable"] += [{"what": w, "why": y} for w, y in meta_bad]
 
     phase("verifying every block")
