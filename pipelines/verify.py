@@ -280,7 +280,7 @@ def check_objects(store: Store) -> list[tuple[str, str]]:
     for key in store.backend.list(VALIDATION_PREFIX):
         if key.endswith(".parquet"):
             one(key, lambda k=key: read_parquet(store.backend.get(k), k, check_in_key(k), required=store.strict))
-    for lk in read_locks(store.backend):
+    for lk in read_locks(store.backend, strict=store.strict):
         if lk.get("damaged"):
             bad.append((lk["_key"], f"{lk['damaged']}: counted as a live {lk['kind']} lock until it is "
                                     "older than the stale age, then broken"))

@@ -141,9 +141,10 @@ def describe(lk: dict) -> str:
     return f"{lk.get('op', '?')} (pid {lk.get('pid')} on {lk.get('host')}, since {when})"
 
 
-def read_locks(backend) -> list[dict]:
+def read_locks(backend, strict: bool = False) -> list[dict]:
     """Every lock object; a damaged one as a lock of unknown holder (`damaged`: why), aged by
-    its object's modification time."""
+    its object's modification time. `strict` (verify, on a store of format 2): a lock without
+    a check is damaged too."""
     out = []
     mtimes = None
     for key in backend.list("locks/"):
@@ -154,7 +155,7 @@ def read_locks(backend) -> list[dict]:
         except ObjectMissing:  # released between list and get
             continue
         try:
-            lk = open_json(raw, key, required=False)
+            lk = open_json(raw, key, required=strict)
         except DamagedData as e:
             if mtimes is None:
                 mtimes = {k: mt for k, (_, mt) in backend.stat_all("locks/").items()}
