@@ -2,14 +2,20 @@
 instance sized to this machine. The same pipelines run on both."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 
 from storage.errors import StoreError
 
 
 def connect(address: str | None = None, env: dict | None = None) -> None:
+    """Join the cluster at `address` (HOST:PORT, `auto`, or $RAY_ADDRESS), else start a local
+    instance. Ray's own output (its C++ log lines, its Python logging, workers' prints) stays
+    off the terminal unless ALIKE_DEBUG is set: a join that fails is one ClusterError."""
     import ray
 
     if ray.is_initialized():
@@ -17,31 +23,129 @@ def connect(address: str | None = None, env: dict | None = None) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    debug = bool(os.environ.get("ALIKE_DEBUG"))
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # workers' and raylets' log lines would land on our stdout (and break --json): keep them
-    # in Ray's session logs unless ALIKE_DEBUG asks for them
-    kwargs = dict(logging_level=logging.ERROR, log_to_driver=bool(os.environ.get("ALIKE_DEBUG")),
+    # workers' and raylets' log lines would land on our stdout (and break --json); Ray's Python
+    # logging would print its own account of errors we report ourselves
+    kwargs = dict(logging_level=logging.INFO if debug else logging.CRITICAL + 1, log_to_driver=debug,
                   configure_logging=True)
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if address:
         _check_reachable(address)
-        # clusters made by `ray start` (Ray >= 2.5x) require its token, kept in ~/.ray/auth_token;
-        # token mode also joins clusters without authentication
-        if not os.environ.get("RAY_AUTH_MODE") and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-            os.environ["RAY_AUTH_MODE"] = "token"
-        try:
-            ray.init(address=address, **kwargs)
-        except ConnectionError as e:
-            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]} "
-                               "(if it uses token authentication, set RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+        with _ray_output_captured(debug) as captured:
+            _match_auth_mode(address)
+            try:
+                ray.init(address=address, **kwargs)
+            except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError...: not joined
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                raise ClusterError(_join_failure(address, e, captured())) from None
     else:
         # "local": always a new instance of our own, even if `ray start` left one on this host
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        with _ray_output_captured(debug):
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
 
 
 class ClusterError(StoreError):
     """{detail}"""
+
+
+def _match_auth_mode(address: str) -> None:
+    """Speak the cluster's authentication: send Ray's token to a cluster that requires one, and
+    none to a cluster without authentication (its workers would call back without a token, and
+    a driver in token mode refuses them: the backup's actors die).
+
+    A cluster made by `ray start --head` (Ray >= 2.5x) requires the token of its head whenever
+    the head had one (in ~/.ray/auth_token, which every local `ray.init` creates), and Ray itself
+    turns token mode on only for `auto`, never for an explicit address. Which mode a cluster uses
+    shows at once: a GCS client without a token is refused with AuthenticationError. Ray reads
+    RAY_AUTH_MODE into its config when it is imported (every command module imports ray long
+    before this), so the config is read again after setting it, as Ray's own `ray start` does."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+        from ray._private.services import canonicalize_bootstrap_address
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray without token authentication: nothing to match
+        return
+    if address.startswith("ray://"):
+        return
+    try:
+        gcs = canonicalize_bootstrap_address(address)  # `auto` -> the cluster `ray start` made here
+    except ConnectionError as e:
+        raise ClusterError(_join_failure(address, e, "")) from None
+    if not gcs:
+        return
+    where = gcs if gcs == address else f"{gcs} ({address})"
+
+    def refused(mode: str) -> bool:
+        os.environ["RAY_AUTH_MODE"] = mode
+        Config.initialize("")
+        try:
+            GcsClient(address=gcs)
+        except AuthenticationError:
+            return True
+        except Exception:  # not a Ray cluster, or unwell: ray.init says what, below
+            return False
+        return False
+
+    if not refused("disabled"):
+        return
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise ClusterError(
+            f"the Ray cluster at {where} requires token authentication and this host has no token: "
+            "copy the head's token (`ray get-auth-token` on the head) into ~/.ray/auth_token, "
+            "or set RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+    if refused("token"):
+        raise ClusterError(
+            f"the Ray cluster at {where} refused this host's authentication token: use the head's "
+            "token (`ray get-auth-token` on the head) in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+            "or RAY_AUTH_TOKEN")
+
+
+def _join_failure(address: str, e: Exception, ray_said: str) -> str:
+    """One sentence for a failed join: what went wrong, and what to do about it."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "Could not find any running Ray instance" in first:
+        return ("no running Ray cluster found on this host for --address auto: start one with "
+                "`ray start --head`, or give its HOST:PORT with --address / RAY_ADDRESS")
+    if "InvalidAuthToken" in ray_said or type(e).__name__ == "AuthenticationError":
+        first = "its authentication token was refused"
+    return f"cannot join the Ray cluster at {address}: {first} (ALIKE_DEBUG=1 shows Ray's own messages)"
+
+
+@contextlib.contextmanager
+def _ray_output_captured(debug: bool):
+    """Point file descriptors 1 and 2 at a scratch file while Ray starts or joins -> a function
+    returning what was written there. Ray's C++ core logs to descriptor 2 until its logging is
+    set up (a join with a refused token prints a line a second for 20 s), and no Python-level
+    setting silences that; our own messages are not written meanwhile."""
+    if debug:
+        yield lambda: ""
+        return
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    scratch = tempfile.TemporaryFile()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(scratch.fileno(), 1)
+        os.dup2(scratch.fileno(), 2)
+
+        def text() -> str:
+            scratch.seek(0)
+            return scratch.read().decode(errors="replace")
+
+        yield text
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                f.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        scratch.close()
 
 
 def _check_reachable(address: str) -> None:
