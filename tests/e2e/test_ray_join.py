@@ -77,7 +77,7 @@ def _session_pids(sid: int) -> list[int]:
 
 def _kill_session(sid: int) -> None:
     """End every process of the head's session (gcs, raylet, agents, workers), and only those."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         pids = _session_pids(sid)
         for pid in pids:
             try:
@@ -128,8 +128,8 @@ def token_head():
     _end(head)
 
 
-@pytest.fixture(scope="module")
-def open_head():
+@pytest.fixture
+def open_head():  # one test uses it: its processes end with that test
     head = _start_head(auth=False)
     yield head
     _end(head)
