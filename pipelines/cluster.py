@@ -12,10 +12,12 @@ import warnings
 from storage.errors import StoreError
 
 
-def connect(address: str | None = None, env: dict | None = None) -> None:
+def connect(address: str | None = None, env: dict | None = None, terminal: bool = False) -> None:
     """Join the cluster at `address` (HOST:PORT, `auto`, or $RAY_ADDRESS), else start a local
     instance. Ray's own output (its C++ log lines, its Python logging, workers' prints) stays
-    off the terminal unless ALIKE_DEBUG is set: a join that fails is one ClusterError."""
+    off our stdout and stderr unless ALIKE_DEBUG is set: while Ray starts or joins always (a
+    join that fails is one ClusterError), and for the rest of the process too when `terminal`
+    (a command on a user's terminal, not a server with a log of its own)."""
     import ray
 
     if ray.is_initialized():
@@ -31,20 +33,34 @@ def connect(address: str | None = None, env: dict | None = None) -> None:
                   configure_logging=True)
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
+    output = _RayOutput(enabled=not debug)
     if address:
         _check_reachable(address)
-        with _ray_output_captured(debug) as captured:
+        output.divert()
+        try:
             _match_auth_mode(address)
-            try:
-                ray.init(address=address, **kwargs)
-            except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError...: not joined
-                with contextlib.suppress(Exception):
-                    ray.shutdown()
-                raise ClusterError(_join_failure(address, e, captured())) from None
+            ray.init(address=address, **kwargs)
+        except ClusterError:
+            output.restore()
+            raise
+        except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError...: not joined
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            said = output.text()
+            output.restore()
+            raise ClusterError(_join_failure(address, e, said)) from None
     else:
-        # "local": always a new instance of our own, even if `ray start` left one on this host
-        with _ray_output_captured(debug):
+        output.divert()
+        try:
+            # "local": always a new instance of our own, even if `ray start` left one on this host
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        except BaseException:
+            output.restore()
+            raise
+    if terminal:
+        output.keep()
+    else:
+        output.restore()
 
 
 class ClusterError(StoreError):
@@ -114,38 +130,77 @@ def _join_failure(address: str, e: Exception, ray_said: str) -> str:
     return f"cannot join the Ray cluster at {address}: {first} (ALIKE_DEBUG=1 shows Ray's own messages)"
 
 
-@contextlib.contextmanager
-def _ray_output_captured(debug: bool):
-    """Point file descriptors 1 and 2 at a scratch file while Ray starts or joins -> a function
-    returning what was written there. Ray's C++ core logs to descriptor 2 until its logging is
-    set up (a join with a refused token prints a line a second for 20 s), and no Python-level
-    setting silences that; our own messages are not written meanwhile."""
-    if debug:
-        yield lambda: ""
-        return
+class _RayOutput:
+    """Ray's C++ core writes its log lines to file descriptor 2, whatever Python's logging says:
+    before its logging is set up (a join with a refused token prints a line a second for 20 s)
+    and, for errors, all along (a worker that died, a cancelled actor...). Its processes write
+    there too. So descriptors 1 and 2 are pointed at a file of Ray's output while Ray starts,
+    and, for a command on a terminal, for good: sys.stdout and sys.stderr then write through
+    copies of the descriptors they had, so that everything Python prints goes where it went."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.saved: list[int] = []
+        self.file = None
+
+    def divert(self) -> None:
+        if not self.enabled:
+            return
+        _flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = [os.dup(1), os.dup(2)]
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+
+    def text(self) -> str:
+        if self.file is None:
+            return ""
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+    def restore(self) -> None:
+        """Descriptors 1 and 2 back where they were."""
+        if not self.saved:
+            return
+        _flush()
+        for fd, old in zip((1, 2), self.saved):
+            os.dup2(old, fd)
+            os.close(old)
+        self.saved = []
+        self.file.close()
+        self.file = None
+
+    def keep(self) -> None:
+        """Leave Ray's output diverted for the rest of the process, into Ray's session logs
+        (alike-driver-PID.out, next to Ray's own logs of this driver) when they are here."""
+        if not self.saved:
+            return
+        _flush()
+        log = self.file
+        with contextlib.suppress(Exception):
+            import ray
+
+            logs = ray._private.worker._global_node.get_logs_dir_path()
+            log = open(os.path.join(logs, f"alike-driver-{os.getpid()}.out"), "ab")
+            log.write(self.text().encode())
+            log.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = _text_stream(self.saved[0], sys.stdout)
+        sys.stderr = _text_stream(self.saved[1], sys.stderr)
+        self.keep_open = (log, self.file)  # the descriptors 1 and 2 now point at
+        self.saved = []
+
+
+def _text_stream(fd: int, like):
+    return os.fdopen(fd, "w", buffering=1, encoding=getattr(like, "encoding", None) or "utf-8",
+                     errors=getattr(like, "errors", None) or "backslashreplace")
+
+
+def _flush() -> None:
     for f in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             f.flush()
-    scratch = tempfile.TemporaryFile()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        os.dup2(scratch.fileno(), 1)
-        os.dup2(scratch.fileno(), 2)
-
-        def text() -> str:
-            scratch.seek(0)
-            return scratch.read().decode(errors="replace")
-
-        yield text
-    finally:
-        for f in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                f.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        scratch.close()
 
 
 def _check_reachable(address: str) -> None:
