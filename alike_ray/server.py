@@ -400,6 +400,10 @@ def start(sock: str, address: str | None, timeout: float = START_TIMEOUT) -> dic
     import subprocess
 
     _refuse_if_running(sock)
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipelines.cluster import _check_reachable
+
+        _check_reachable(address or os.environ["RAY_ADDRESS"])  # at once, not after the server gave up
     os.makedirs(os.path.dirname(sock) or ".", mode=0o700, exist_ok=True)
     logp = log_path(sock)
     cmd = [sys.executable, "-m", "alike_ray.server", "--socket", sock] + (["--address", address] if address else [])
@@ -408,6 +412,10 @@ def start(sock: str, address: str | None, timeout: float = START_TIMEOUT) -> dic
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if p.poll() is not None:
+            said = _tail(logp, 1)
+            if said.startswith("alike: error: "):  # its own one-line reason (a cluster it cannot join...)
+                raise ServerError(f"the alike server did not start: {said[len('alike: error: '):]}",
+                                  exit_code=p.returncode)
             raise ServerError(f"the alike server did not start (exit {p.returncode}): {_tail(logp)}")
         if os.path.exists(sock):
             try:
@@ -456,7 +464,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         return Server(a.socket, a.address).serve()
-    except ServerError as e:
+    except StoreError as e:  # ServerError, ClusterError (a cluster it cannot join)
         print(f"alike: error: {e.message}", file=sys.stderr)
         return e.exit_code
 
