@@ -63,7 +63,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from . import nbd
-from .base import Disk, Snapshot, Source, SourceError, VMInfo
+from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 log = logging.getLogger("alike.kvm")
 
@@ -301,7 +301,7 @@ class KvmSource(Source):
             try:
                 return conn.lookupByUUIDString(vm)
             except libvirt.libvirtError:
-                raise SourceError(f"no VM named {vm!r} at {self.uri}: see `alike inventory kvm:{self.uri}`") from None
+                raise VMNotFound(f"no VM named {vm!r} at {self.uri}: see `alike inventory kvm:{self.uri}`") from None
 
     def _info(self, dom) -> VMInfo:
         libvirt = _libvirt()
