@@ -133,11 +133,12 @@ class FaultSource(Source):
         self.vms[name] = vm
         return vm
 
-    def write(self, vm: str, disk: str, offset: int, data: bytes) -> None:
-        """A guest write: the disk changes and CBT records it."""
+    def write(self, vm: str, disk: str, offset: int, data: bytes) -> bytes:
+        """A guest write: the disk changes and CBT records it. -> `data`"""
         v = self.vms[vm]
         v.disks[disk][offset:offset + len(data)] = np.frombuffer(data, np.uint8)
         v.writes.append((disk, offset, len(data)))
+        return data
 
     def fail_reads(self, vm: str, disk: str, offset: int, length: int = 1) -> None:
         self.vms[vm].faults.setdefault(disk, []).append(Fault(offset, length))

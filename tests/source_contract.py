@@ -7,8 +7,9 @@
             return Bound(src, "web", truth=lambda disk: ...bytes of that disk now...)
 
 `truth(disk name)` gives the bytes the disk holds now (its ground truth, kept by the test: the
-file an image was made from, the raw copy that receives every guest write); `write` makes a
-guest write (a source with changed block tracking binds it, and the CBT round trip runs);
+file an image was made from, the raw copy that receives every guest write); `write(disk name,
+offset, length)` makes a guest write and returns the bytes written (a source with changed block
+tracking binds it, and the CBT round trip runs);
 `residue()` returns what the source has made that a released snapshot must not leave behind
 (temporary files, hypervisor jobs, checkpoints, servers), compared before and after.
 """
@@ -31,7 +32,7 @@ class Bound:
     source: Source
     vm: str
     truth: Callable[[str], bytes | np.ndarray]
-    write: Callable[[str, int, bytes], None] | None = None  # (disk name, offset, data)
+    write: Callable[[str, int, int], bytes] | None = None  # (disk name, offset, length) -> the bytes written
     residue: Callable[[], object] = lambda: None
     power_state: str | None = None  # as listed, when the binding knows it
 
@@ -198,8 +199,8 @@ class SourceContract:
             marked = [(d.name, d.size, d.cbt_marker) for d in snap.disks if d.cbt_marker]
         assert marked, "a source with CBT gives its disks a marker"
         name, size, marker = marked[0]
-        off, data = size // 3 + 12345, bytes(np.random.default_rng(7).integers(1, 255, 70001, np.uint8))
-        bound.write(name, off, data)
+        off = size // 3 + 12345
+        data = bound.write(name, off, 70001)
         with bound.source.snapshot(bound.vm) as snap:
             [d] = [x for x in snap.disks if x.name == name]
             changed = d.changed_extents(marker)

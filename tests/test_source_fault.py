@@ -32,7 +32,7 @@ class TestFaultSource(SourceContract):
         src.add_vm("other", {"d0": disk_data(3, 1)})
         src.slow_reads("mem", "d1", 0, 4096, 0.01)  # slow, and still right
         return Bound(src, "mem", truth=lambda disk: src.vms["mem"].disks[disk],
-                     write=lambda disk, off, data: src.write("mem", disk, off, data),
+                     write=lambda disk, off, n: src.write("mem", disk, off, np.random.default_rng(off).bytes(n)),
                      residue=src.open_snapshots, power_state="running")
 
 
