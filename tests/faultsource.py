@@ -13,7 +13,8 @@ the backup: writes made afterwards reach the next backup.
     src.slow_reads("mem", "d0", 0, MiB, 0.2)        # reads touching it take 0.2 s longer
 
 Snapshots leave a file in `state_dir` until they are released (also from the Ray worker that
-made them: the directory is on this machine), so a test can see that nothing was left behind.
+made them: the directory is on this machine), then a record of how (`releases()`), so a test
+can see that nothing was left behind and that a failed backup said it failed.
 """
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ class FaultSnapshot(Snapshot):
         if self._mark is None:
             return
         self.failed = failed
-        try:
-            os.unlink(self._mark)
+        try:  # kept, renamed, as the record of how it was released
+            os.rename(self._mark, self._mark.replace("snap-", "released-") + ("-failed" if failed else "-ok"))
         except FileNotFoundError:
             pass
         self._mark = None
@@ -149,6 +150,11 @@ class FaultSource(Source):
     def open_snapshots(self) -> list[str]:
         """Snapshots made and not released (in any process of this machine)."""
         return sorted(f for f in os.listdir(self.state_dir) if f.startswith("snap-"))
+
+    def releases(self) -> list[str]:
+        """How each released snapshot was released, oldest first: "ok" or "failed"."""
+        done = [os.path.join(self.state_dir, f) for f in os.listdir(self.state_dir) if f.startswith("released-")]
+        return [p.rsplit("-", 1)[1] for p in sorted(done, key=os.path.getmtime)]
 
     def _info(self, vm: MemVM) -> VMInfo:
         return VMInfo(vm.name, vm.id, [(n, len(d)) for n, d in vm.disks.items()], power_state="running")
