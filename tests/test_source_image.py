@@ -87,3 +87,31 @@ def test_inventory_json_sizes(imgs):
     assert p.returncode == 0, p.stderr
     [vm] = json.loads(p.stdout)["vms"]
     assert vm["disks"] == [{"name": "plain.qcow2", "size": 16 * MiB}]
+
+
+def cut_short_image(path: str, label: str, claimed_mib: int = 32, kept_mib: int = 12) -> str:
+    """A raw image whose partition table (made by sfdisk) claims `claimed_mib` MiB, cut to `kept_mib`."""
+    with open(path, "wb") as f:
+        f.truncate(claimed_mib * MiB)
+    images.run("sfdisk", "--quiet", path, input=f"label: {label}\nstart=2048, type=linux\n")
+    with open(path, "r+b") as f:
+        f.truncate(kept_mib * MiB)
+    return path
+
+
+@pytest.mark.parametrize("label", ["dos", "gpt"])
+def test_cut_short_image_is_noted(tmp_path, label):
+    path = cut_short_image(str(tmp_path / "cut.raw"), label)
+    [vm] = ImageSource(path).list_vms()
+    assert vm.disks == [("cut.raw", 12 * MiB)]
+    [note] = vm.notes
+    assert f"image {path} looks cut short" in note and "partition 1 ends at" in note and "12.0 MiB" in note
+    with ImageSource(path).snapshot("cut") as snap:  # the version records it
+        assert snap.vm.notes == [note]
+
+
+@pytest.mark.parametrize("label", ["dos", "gpt"])
+def test_whole_images_are_not_noted(tmp_path, imgs, label):
+    whole = cut_short_image(str(tmp_path / "whole.raw"), label, 32, 32)
+    [vm] = ImageSource(f"{whole},{imgs['odd']},{imgs['plain']}").list_vms()
+    assert vm.notes == []

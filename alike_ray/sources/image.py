@@ -143,11 +143,11 @@ class ImageSnapshot(Snapshot):
         self._tmpdirs = []
 
 
-def _partition_table_end(head: bytes) -> tuple[int, str] | None:
-    """Where the MBR or GPT partition table in `head` (the first bytes of a disk) says the
-    disk ends at least -> (byte offset, what ends there), or None without a table."""
+def _partition_table_ends(head: bytes) -> list[tuple[int, str]]:
+    """Where the MBR or GPT partition table in `head` (the first bytes of a disk) says its
+    partitions (and GPT's backup header) end -> [(byte offset, what ends there)]."""
     if len(head) < 512 or head[510:512] != b"\x55\xaa":
-        return None
+        return []
     ends, gpt = [], False
     for i in range(4):
         e = head[446 + 16 * i:462 + 16 * i]
@@ -170,21 +170,22 @@ def _partition_table_end(head: bytes) -> tuple[int, str] | None:
                 ends.append(((last + 1) * sector, f"partition {k + 1}"))
         ends.append(((alternate + 1) * sector, "the GPT backup header"))
         break
-    return max(ends) if ends else None
+    return ends
 
 
 def _cut_short(path: str, size: int) -> str | None:
     """A note when the partition table of raw image `path` claims more than its `size`."""
     try:
         with open(path, "rb") as f:
-            found = _partition_table_end(f.read(64 * 1024))
+            past = [e for e in _partition_table_ends(f.read(64 * 1024)) if e[0] > size]
     except OSError:
         return None
-    if found is None or found[0] <= size:
+    if not past:
         return None
     from ..ui import _h
 
-    end, what = found
+    # a partition that runs past the end says more to the user than GPT's backup header
+    end, what = max((e for e in past if e[1].startswith("partition")), default=max(past))
     return (f"image {path} looks cut short: its partition table says {what} ends at {_h(end)} ({end} bytes), "
             f"but the file holds {_h(size)} ({size} bytes); the backup keeps only what the file holds "
             f"(was a copy or download interrupted?)")
