@@ -259,9 +259,6 @@ class KvmSnapshot(Snapshot):
                     old = [n for n, _ in self.source._checkpoints(dom) if n != self.checkpoint]
                     self.source._delete_checkpoints(dom, old)
 
-    def __exit__(self, exc_type, *exc):
-        self.release(failed=exc_type is not None)
-
 
 class KvmSource(Source):
     """`kvm:URI`: the VMs of libvirt connection URI. Picklable (the connection is reopened
