@@ -245,7 +245,7 @@ def new_run_id() -> str:
 
 
 def record_run(store, job: str, run_id: str, record: dict) -> None:
-    store.backend.put(f"jobs/{job}/runs/{run_id}.json", json.dumps(record, indent=2).encode())
+    store.put_json(f"jobs/{job}/runs/{run_id}.json", record)
 
 
 def history(store, job: str | None = None) -> list[dict]:
@@ -253,7 +253,7 @@ def history(store, job: str | None = None) -> list[dict]:
     for key in store.backend.list(f"jobs/{job}/runs/" if job else "jobs/"):
         if "/runs/" in key and key.endswith(".json"):
             try:
-                out.append(json.loads(store.backend.get(key)))
+                out.append(store.get_json(key))
             except Exception:
                 continue
     return sorted(out, key=lambda r: r.get("run_id", ""), reverse=True)

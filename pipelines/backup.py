@@ -284,7 +284,7 @@ class SnapshotActor:
             pd = prev_disks.get(disk.name) or (prev_list[dno] if dno < len(prev_list) else None)
             if pd is not None:
                 try:
-                    pm = store.read_manifest(vm, prev[0], pd["manifest"])
+                    pm = store.read_manifest(vm, prev[0], pd)
                 except StoreError:  # pruned meanwhile, or damaged: no munge cache for this disk
                     pd = None
                 else:
@@ -359,7 +359,7 @@ class SnapshotActor:
             np.concatenate([e[3] for e in entries]))
         crash_point("before-manifests")
         for n, (blocks, hashes, bases, deltas, grains) in enumerate(manifests):
-            disks_meta[n]["manifest"] = store.write_manifest(vm, version, n, blocks, hashes, bases, deltas, grains)
+            disks_meta[n].update(store.write_manifest(vm, version, n, blocks, hashes, bases, deltas, grains))
             crash_point("manifest")
             disks_meta[n]["blocks"] = int(len(blocks))
         crash_point("before-version")

@@ -31,7 +31,6 @@ A gc cut anywhere leaves a valid store: each step is either not yet visible or r
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -39,9 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from storage.errors import ObjectMissing, StoreError
+from storage.errors import DamagedData, ObjectMissing, StoreError
 from storage.index import h32
 from storage.locks import live_locks, store_lock
+from storage.objects import digest
 from storage.pack import pack_key
 from storage.store import PackSink, Store
 
@@ -61,7 +61,7 @@ def _mark(store: Store, versions: list[tuple[str, str]], threads: int = 8) -> tu
         vm, v = vv
         try:
             meta = store.read_version(vm, v)
-            return [store.read_manifest(vm, v, d["manifest"]).blobs() for d in meta["disks"]]
+            return [store.read_manifest(vm, v, d).blobs() for d in meta["disks"]]
         except ObjectMissing:
             if not store.backend.exists(f"versions/{vm}/{v}/version.json"):
                 return []  # pruned while we read: its blocks are free to go
@@ -176,8 +176,10 @@ def _run(store: Store, grace, repack_below, dry_run, wait, on_progress, lock) ->
     }
     rec_key = f"gc/{time.strftime('%Y%m%d-%H%M%S')}-{rec['id'][:8]}.json"
     entries_key = rec_key[:-5] + ".entries.parquet"
-    store.backend.put(entries_key, _entries_bytes(h[cmask], names[codes[cmask]], o[cmask], n[cmask]))
-    store.backend.put(rec_key, json.dumps(rec).encode())
+    entries = _entries_bytes(h[cmask], names[codes[cmask]], o[cmask], n[cmask])
+    store.backend.put(entries_key, entries)
+    rec["entries_blake3"] = digest(entries)
+    store.put_json(rec_key, rec)
     crash_point("gc-after-record")
     del h, o, n, codes
     store.rewrite_index(drop_packs=set(condemned), add=added,
@@ -187,7 +189,7 @@ def _run(store: Store, grace, repack_below, dry_run, wait, on_progress, lock) ->
     rec["writers"] = sorted(set(rec["writers"]) | {w["id"] for w in live_locks(store.backend)
                                                    if w.get("kind") in ("writer", "reader")})
     rec["indexed"] = True
-    store.backend.put(rec_key, json.dumps(rec).encode())
+    store.put_json(rec_key, rec)
     crash_point("gc-after-condemn")
 
     for folder in orphan_folders:
@@ -204,6 +206,16 @@ def _run(store: Store, grace, repack_below, dry_run, wait, on_progress, lock) ->
     _sweep(store, rec_key, wait, report, progress, resumed=False)
     report["seconds"] = round(time.monotonic() - t0, 3)
     return report
+
+
+def read_gc_entries(store: Store, entries_key: str, rec: dict):
+    """The index entries a gc record's condemned packs had, checked against the record."""
+    from storage.index import segment_arrays
+    from storage.objects import read_parquet
+
+    t = read_parquet(store.backend.get(entries_key), f"gc entries {entries_key}", rec.get("entries_blake3"),
+                     required=store.strict)
+    return segment_arrays(t)
 
 
 def _entries_bytes(h, p, o, n) -> bytes:
@@ -252,14 +264,13 @@ def _repack(store: Store, names, codes, h, o, n, ci, progress):
 
 
 def _sweep(store: Store, rec_key: str, wait: float, report: dict, progress, resumed: bool) -> None:
-    from storage.index import read_segment
-
     try:
-        rec = json.loads(store.backend.get(rec_key))
+        rec = store.get_json(rec_key)
     except ObjectMissing:
         return
-    except Exception:
-        raise StoreError(f"gc record {rec_key} is damaged: remove it after checking the store with `alike verify`") from None
+    except DamagedData:
+        raise DamagedData(f"gc record {rec_key} fails its check, so the gc it records cannot be finished; "
+                          "`alike repair --from OTHER` indexes again the packs it condemned and removes it") from None
     entries_key = rec_key[:-5] + ".entries.parquet"
     waiting = set(rec["writers"])
     if resumed:
@@ -291,7 +302,7 @@ def _sweep(store: Store, rec_key: str, wait: float, report: dict, progress, resu
         del ih, used
         if len(need):
             try:
-                ch, (pnames, pidx), co, cn = read_segment(store.backend.get(entries_key))
+                ch, (pnames, pidx), co, cn = read_gc_entries(store, entries_key, rec)
             except ObjectMissing:  # deleted with its packs by a sweep cut just after
                 ch, pnames, pidx, co, cn = np.zeros(0, "S32"), [], np.zeros(0, int), [], []
             m = np.isin(ch, need)

@@ -25,8 +25,8 @@ blocks any more, and `alike gc` removes it once nothing references it.
 """
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -34,6 +34,7 @@ import ray
 from storage.errors import ObjectMissing, StoreError
 from storage.index import h32
 from storage.locks import store_lock
+from storage.objects import digest
 from storage.store import Store
 
 from .blockcopy import copy_blocks, run_copy_tasks
@@ -76,18 +77,22 @@ UNINDEXED = "names blocks that no index segment holds"
 
 
 # -- metadata ----------------------------------------------------------------------------------
-def _meta(raw: bytes) -> dict | None:
+def _meta(store: Store, vm, v) -> dict | None:
+    """version.json of vm@v on `store` if it is intact (passes its check, lists disks), else None."""
     try:
-        m = json.loads(raw)
-        return m if isinstance(m, dict) and isinstance(m.get("disks"), list) else None
-    except Exception:
+        m = store.read_version(vm, v)
+    except ObjectMissing:
+        raise
+    except StoreError:
         return None
+    ok = isinstance(m.get("disks"), list) and all(isinstance(d, dict) and "manifest" in d for d in m["disks"])
+    return m if ok else None
 
 
 def _manifest_ok(store: Store, vm, v, d: dict, index=None) -> tuple[bool, np.ndarray | None, str]:
-    """-> (intact?, its hashes, why not)."""
+    """-> (intact?, its hashes, why not). Intact: its bytes pass the check that `d` records."""
     try:
-        m = store.read_manifest(vm, v, d["manifest"])
+        m = store.read_manifest(vm, v, d)
     except StoreError as e:
         return False, None, e.message
     blocks, hashes = m.blocks, m.blobs()  # patched blocks need their base and delta blobs
@@ -98,51 +103,81 @@ def _manifest_ok(store: Store, vm, v, d: dict, index=None) -> tuple[bool, np.nda
     return True, hashes, ""
 
 
+@dataclass
+class Copy:
+    """One metadata object to replace with the other store's copy: a manifest (`disk`: its entry
+    in the version.json the version will have) or a version.json (`meta`)."""
+    key: str
+    why: str
+    vm: str
+    version: str
+    disk: dict | None = None
+    meta: dict | None = None
+
+
 def plan_metadata(store: Store, other: Store, other_index, local_index) -> tuple[list, list, list, set]:
-    """-> (copies [(key, why)], hashes the copied manifests use, unrepairable [(what, why)],
+    """-> (copies [Copy], hashes the copied manifests use, unrepairable [(what, why)],
     (vm, version, disk name) whose manifest or version.json is replaced)."""
     copies, hashes, bad, replaced = [], [], [], set()
     theirs = set(other.list_versions())
     for vm, v in store.list_versions():
         base = f"versions/{vm}/{v}/"
-        mine = None
         try:
-            mine = _meta(store.backend.get(base + "version.json"))
+            mine = _meta(store, vm, v)
         except ObjectMissing:
-            pass
+            continue  # pruned meanwhile
+        other_meta = None
+        if (vm, v) in theirs:
+            try:
+                other_meta = _meta(other, vm, v)
+            except ObjectMissing:
+                pass
         if mine is None:
-            other_meta = _meta(other.backend.get(base + "version.json")) if (vm, v) in theirs else None
             if other_meta is None:
                 bad.append((f"{vm}@{v}", "version.json is damaged and the other store has no intact copy"))
                 continue
-            copies.append((base + "version.json", "version.json damaged"))
-            replaced.add((vm, v, "version.json"))
             meta, from_other = other_meta, True
         else:
             meta, from_other = mine, False
+        rewrite_meta = from_other
         for d in meta["disks"]:
             ok, _, why = _manifest_ok(store, vm, v, d, local_index)
             readable = ok or why == UNINDEXED  # then the blocks phase fetches what it lacks
-            if ok and not from_other:
+            if ok:
                 continue
-            try:  # the same bytes there: a problem of blocks or of our version.json, not of this manifest
-                if store.backend.get(base + d["manifest"]) == other.backend.get(base + d["manifest"]):
-                    continue
-            except ObjectMissing:
-                pass
-            their_ok, their_h, their_why = (_manifest_ok(other, vm, v, d, other_index) if (vm, v) in theirs
+            # the other store's copy, checked against its own version.json
+            od = next((x for x in (other_meta or {}).get("disks", []) if x.get("manifest") == d["manifest"]), None)
+            their_ok, their_h, their_why = (_manifest_ok(other, vm, v, od, other_index) if od is not None
                                             else (False, None, "the other store does not hold this version"))
             if not their_ok:
                 if readable:
                     continue
                 bad.append((f"{vm}@{v} disk {d.get('name')}", f"manifest {why}; the other store's: {their_why}"))
                 continue
-            copies.append((base + d["manifest"], f"manifest {why or 'differs from its version.json'}"))
+            copies.append(Copy(base + d["manifest"], f"manifest {why or 'differs from its version.json'}", vm, v, disk=od))
             replaced.add((vm, v, d.get("name")))
             hashes.append(their_h)
+            if od.get("manifest_blake3") != d.get("manifest_blake3"):
+                d["manifest_blake3"] = od.get("manifest_blake3")
+                rewrite_meta = True  # our version.json must name the bytes it now has
+        if rewrite_meta:
+            copies.append(Copy(base + "version.json", "version.json damaged" if from_other else
+                               "version.json names the replaced manifest's check", vm, v, meta=meta))
+            replaced.add((vm, v, "version.json"))
     # manifests before version.json: a version never points at a manifest that is not there yet
-    copies.sort(key=lambda c: c[0].endswith("version.json"))
+    copies.sort(key=lambda c: c.meta is not None)
     return copies, hashes, bad, replaced
+
+
+def apply_copy(store: Store, other: Store, c: Copy) -> None:
+    if c.meta is None:
+        store.backend.put(c.key, other.read_manifest_bytes(c.vm, c.version, c.disk))
+        return
+    meta = dict(c.meta, disks=[dict(d) for d in c.meta["disks"]])
+    for d in meta["disks"]:  # a version of a format-1 store gains its checks
+        if "manifest_blake3" not in d:
+            d["manifest_blake3"] = digest(store.backend.get(f"versions/{c.vm}/{c.version}/{d['manifest']}"))
+    store.commit_version(c.vm, c.version, meta)
 
 
 # -- blocks --------------------------------------------------------------------------------------
@@ -189,11 +224,145 @@ def _copy(src_spec, dst_spec, packs, offs, lens, hashes, on_progress=None, done0
 
 
 # -- the run ---------------------------------------------------------------------------------------
+# -- the store's other objects ------------------------------------------------------------------
+def heal_config(store_spec, other_spec, dry_run: bool) -> str | None:
+    """When this store's config.json fails its check, write it again from the other store's:
+    the same hash key, block size and compression (they are a vault pair), a new store id, once
+    a sample of this store's own blocks is shown to hash right under that key. -> what was done,
+    or None when config.json is intact."""
+    from storage.backend import open_backend
+    from storage.errors import DamagedData
+    from storage.objects import seal_json
+    from storage.pack import pack_key
+    from storage.store import FORMAT
+
+    try:
+        Store.open(store_spec)
+        return None
+    except DamagedData as e:
+        if "config.json" not in e.detail:
+            raise
+        why = e.detail
+    other = Store.open(other_spec)
+    backend = open_backend(store_spec)
+    keep = ("block_size", "hash", "hash_key", "hash_key_id", "compression", "zstd_level", "encryption")
+    cfg = {k: other.config[k] for k in keep if k in other.config}
+    import datetime
+    import uuid
+
+    cfg.update(format=FORMAT, store_id=uuid.uuid4().hex, repaired_from=other.config.get("store_id"),
+               created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    candidate = Store(backend, cfg)
+    try:
+        _, h, p, o, n = candidate.read_index()
+    except StoreError:
+        h = np.zeros(0, "S32")
+    checked = 0
+    for i in np.random.default_rng(0).permutation(len(h))[:16]:
+        try:
+            stored = backend.get_range(pack_key(str(p[i])), int(o[i]), int(n[i]))
+            candidate.codec.decode(stored, h32(h[i]))
+            checked += 1
+        except StoreError:
+            continue
+    if not checked:
+        raise Unrepairable(f"{why}, and none of this store's blocks could be checked against {other.url}'s "
+                           "hash key: not rewritten (is --from this store's vault pair?)")
+    if not dry_run:
+        backend.put("config.json", seal_json(cfg))
+    return f"{why}: written again from {other.url}'s (same hash key: {checked} block(s) of this store checked)"
+
+
+def _reindex_unindexed_packs(store: Store) -> int:
+    """Index again every block of the packs no index entry names (a damaged gc record's
+    condemned packs, leftovers of cut backups), each checked against its hash: a later gc
+    decides what they hold that no version uses. -> blocks indexed."""
+    from storage.pack import pack_key, parse_footer
+
+    _, _, ip, _, _ = store.read_index()
+    indexed = set(ip.tolist())
+    add = [[], [], [], []]
+    for pack in store.list_packs():
+        if pack in indexed:
+            continue
+        try:
+            data = store.backend.get(pack_key(pack))
+            footer = parse_footer(data, len(data), pack)
+        except (StoreError, ValueError):
+            continue  # unreadable: nothing of it can be indexed
+        for e in footer:
+            o, n = int(e["offset"]), int(e["length"])
+            try:
+                store.codec.decode(data[o:o + n], h32(e["hash"]))
+            except StoreError:
+                continue
+            for lst, x in zip(add, (h32(e["hash"]), pack, o, n)):
+                lst.append(x)
+    if add[0]:
+        store.rewrite_index(add=(np.array(add[0], "S32"), np.array(add[1], "U32"),
+                                 np.array(add[2], np.uint64), np.array(add[3], np.uint64)))
+    return len(add[0])
+
+
+def heal_objects(store: Store, other: Store, damaged: list[str], dry_run: bool) -> list[dict]:
+    """Heal the small objects verify found damaged. -> [{key, action}]:
+    - a pin or job run: the other store's copy when it has an intact one; else a pin is made
+      again without its note (the version stays pinned) and a run record is removed;
+    - a validation record: removed (it only dates past checks; those packs are checked again);
+    - a gc record or its entries: the packs it condemned are indexed again (each block checked),
+      then both are removed: the next gc decides again, from the versions, what may go;
+    - a lock: left; it counts as live until it is older than the stale age, then it is broken."""
+    done = []
+    gc_done = False
+    for key in sorted(set(damaged)):
+        if key.startswith("locks/"):
+            done.append({"key": key, "action": "left: counted as a live lock until stale, then broken"})
+            continue
+        if key.startswith(("pins/", "jobs/")):
+            try:
+                obj = other.get_json(key)
+                action = f"copied from {other.url}"
+            except StoreError:
+                obj = None
+            if obj is None and key.startswith("pins/"):
+                vm, version = key[len("pins/"):-len(".json")].split("/", 1)
+                obj = {"vm": vm, "version": version, "note": "(note lost: the pin was damaged; pinned again by repair)"}
+                action = "pinned again (its note was lost: the other store has no intact copy)"
+            if not dry_run:
+                store.put_json(key, obj) if obj is not None else store.backend.delete(key)
+            done.append({"key": key, "action": action if obj is not None else
+                         "removed (the other store has no intact copy of this run record)"})
+        elif key.startswith("validation/"):
+            if not dry_run:
+                store.backend.delete(key)
+            done.append({"key": key, "action": "removed (the packs it dated are checked again)"})
+        elif key.startswith("gc/"):
+            n = 0
+            if not dry_run and not gc_done:
+                n = _reindex_unindexed_packs(store)
+                gc_done = True
+            rec = key if key.endswith(".json") else key[:-len(".entries.parquet")] + ".json"
+            if not dry_run:
+                store.backend.delete(rec[:-5] + ".entries.parquet")
+                store.backend.delete(rec)
+            done.append({"key": rec, "action": f"removed, after indexing again the packs no index names ({n} block(s)); "
+                                               "the next `alike gc` decides again what may go"})
+    return done
+
+
 def run_repair(store_spec, other_spec, dry_run: bool = False, on_progress=None, on_phase=None) -> dict:
+    healed_config = heal_config(store_spec, other_spec, dry_run)
+    if healed_config and dry_run:
+        return {"store": str(store_spec), "from": str(other_spec), "dry_run": True, "ok": True,
+                "config": healed_config, "metadata_copied": [{"key": "config.json", "why": healed_config}],
+                "unrepairable": [], "note": "run without --dry-run, then again to see the rest"}
     store, other = open_pair(store_spec, other_spec)
     lock = None if dry_run else store_lock(store.backend, "maintenance", "repair")
     try:
-        return _run(store_spec, other_spec, store, other, dry_run, on_progress, on_phase or (lambda s: None), lock)
+        rep = _run(store_spec, other_spec, store, other, dry_run, on_progress, on_phase or (lambda s: None), lock)
+        if healed_config:
+            rep["metadata_copied"].insert(0, {"key": "config.json", "why": healed_config})
+        return rep
     finally:
         if lock is not None:
             lock.release()
@@ -210,11 +379,11 @@ def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase, lock
     local_index = load_index(store)
     phase("checking version.json files and manifests")
     copies, meta_hashes, meta_bad, replaced = plan_metadata(store, other, other_index, local_index)
-    for key, why in copies:
-        rep["metadata_copied"].append({"key": key, "why": why})
+    for c in copies:
+        rep["metadata_copied"].append({"key": c.key, "why": c.why})
         if not dry_run:
             lock.check()
-            store.backend.put(key, other.backend.get(key))
+            apply_copy(store, other, c)
     rep["unrepairable"] += [{"what": w, "why": y} for w, y in meta_bad]
 
     phase("verifying every block")
@@ -255,6 +424,7 @@ def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase, lock
         rep["unrepairable_blocks"] = int(len(lacking))
         if len(lacking):
             rep["unrepairable"] += _disks_of(scan, lacking, "the other store does not hold these blocks")
+        rep["objects_healed"] = heal_objects(store, other, scan.damaged_objects, dry_run=True)
         rep["ok"] = not rep["unrepairable"]
         rep["seconds"] = round(time.monotonic() - t0, 3)
         return rep
@@ -303,6 +473,7 @@ def _run(store_spec, other_spec, store, other, dry_run, on_progress, phase, lock
                                     add=add if len(add[0]) else None)
         rep["entries_dropped"] = stats["entries_dropped"]
     rep["packs_dropped"] = sorted(drop_packs)
+    rep["objects_healed"] = heal_objects(store, other, scan.damaged_objects, dry_run=False)
     # left in place: no index entry points at their damaged blocks now; gc removes them
     rep["damaged_packs_left"] = sorted(set(scan.damaged_packs) | {p for p, _ in scan.bad_entries.values()})
     rep["ok"] = not rep["unrepairable"]

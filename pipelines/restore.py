@@ -148,7 +148,7 @@ def plan(store: Store, index: IndexClient, vm: str, version: str, disks: list[in
     for pos, n in enumerate(disks):
         d = meta["disks"][n]
         try:
-            m = store.read_manifest(vm, version, d["manifest"])
+            m = store.read_manifest(vm, version, d)
         except ObjectMissing:  # version.json says it is there: the version is damaged
             raise DamagedData(f"the manifest of {vm}@{version} disk {d.get('name', n)} is missing "
                               "(restore it with `alike repair --from` the other store)") from None

@@ -13,13 +13,13 @@ a target with another key or block size is refused.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import ray
 
 from storage.errors import StoreError
 from storage.locks import store_lock
+from storage.objects import digest
 from storage.store import Store
 
 from .blockcopy import copy_blocks, run_copy_tasks
@@ -58,9 +58,12 @@ def open_target(src: Store, target_spec) -> Store:
         import datetime
         import uuid
 
-        cfg.update(store_id=uuid.uuid4().hex, vault_of=src.config["store_id"],
+        from storage.objects import seal_json
+        from storage.store import FORMAT
+
+        cfg.update(store_id=uuid.uuid4().hex, vault_of=src.config["store_id"], format=FORMAT,
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        backend.put("config.json", json.dumps(cfg, indent=2).encode())
+        backend.put("config.json", seal_json(cfg))
         return Store(backend, cfg)
     if dst.config["hash_key"] != src.config["hash_key"]:
         raise VaultError(
@@ -127,7 +130,7 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
     metas, manifests = {}, {}
     for vm, v in todo:
         metas[(vm, v)] = src.read_version(vm, v)
-        manifests[(vm, v)] = [src.read_manifest(vm, v, d["manifest"]).blobs() for d in metas[(vm, v)]["disks"]]
+        manifests[(vm, v)] = [src.read_manifest(vm, v, d).blobs() for d in metas[(vm, v)]["disks"]]
     allh = np.unique(np.concatenate([h for hs in manifests.values() for h in hs] + [np.zeros(0, "S32")]))
     dst_index = LocalIndex(dst_spec)
     try:
@@ -174,7 +177,9 @@ def _run_vault(src_spec, dst_spec, src, dst, chosen, on_progress, lock) -> dict:
         crash_point("vault-commit")
         lock.check()
         for d in metas[(vm, v)]["disks"]:
-            dst.backend.put(f"versions/{vm}/{v}/{d['manifest']}", src.backend.get(f"versions/{vm}/{v}/{d['manifest']}"))
+            raw = src.read_manifest_bytes(vm, v, d)  # checked against its version.json
+            dst.backend.put(f"versions/{vm}/{v}/{d['manifest']}", raw)
+            d.setdefault("manifest_blake3", digest(raw))  # a version of a format-1 store gains its check
             crash_point("vault-manifest")
         dst.commit_version(vm, v, metas[(vm, v)])
         crash_point("vault-committed")

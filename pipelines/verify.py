@@ -18,7 +18,7 @@ Blocks that no index segment names are found whatever the mode: that costs no pa
 Validations are remembered on the store, append-only, because several verifies (and the
 repair) may run at once and no object is ever rewritten in place:
 
-    validation/<UTC time>-<random>.parquet   columns pack (string), validated (float64 epoch s)
+    validation/<UTC time>-<blake3>.parquet   columns pack (string), validated (float64 epoch s)
 
 One object per run naming the packs found intact. The last validation of a pack is the
 largest time over all objects. When there are more than `COMPACT_AT` objects, a run writes one
@@ -28,19 +28,18 @@ nothing, and a reader in between sees duplicates, which the maximum absorbs.
 """
 from __future__ import annotations
 
-import io
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from storage.errors import DamagedData, InvalidValue, ObjectMissing, StoreError
 from storage.index import CompactIndex, h32
+from storage.locks import read_locks
+from storage.objects import check_in_key, digest, parquet_bytes, read_parquet
 from storage.pack import parse_footer, pack_key
 from storage.store import Store
 
@@ -77,10 +76,10 @@ def read_validations(store: Store) -> tuple[dict[str, float], list[str]]:
     keys = [k for k in store.backend.list(VALIDATION_PREFIX) if k.endswith(".parquet")]
     for k in keys:
         try:
-            t = pq.read_table(pa.BufferReader(store.backend.get(k)))
+            t = read_parquet(store.backend.get(k), k, check_in_key(k), required=store.strict)
             packs = t.column("pack").to_pylist()
             when = t.column("validated").to_numpy()
-        except Exception:
+        except (StoreError, KeyError):  # removed meanwhile (a compaction), or damaged: verify names it
             continue
         for p, w in zip(packs, when):
             if w > last.get(p, -1.0):
@@ -89,14 +88,13 @@ def read_validations(store: Store) -> tuple[dict[str, float], list[str]]:
 
 
 def _validation_bytes(packs: list[str], when: list[float]) -> bytes:
-    out = io.BytesIO()
-    pq.write_table(pa.table({"pack": pa.array(packs, pa.string()),
-                             "validated": pa.array(np.asarray(when, np.float64))}), out, compression="zstd")
-    return out.getvalue()
+    return parquet_bytes(pa.table({"pack": pa.array(packs, pa.string()),
+                                   "validated": pa.array(np.asarray(when, np.float64))}))
 
 
-def _validation_key(now: float) -> str:
-    return VALIDATION_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{secrets.token_hex(6)}.parquet"
+def _validation_key(now: float, data: bytes) -> str:
+    """validation/<UTC time>-<BLAKE3 of the object>.parquet: the key carries the check."""
+    return VALIDATION_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{digest(data)}.parquet"
 
 
 def record_validations(store: Store, packs: list[str], now: float | None = None) -> str | None:
@@ -104,14 +102,16 @@ def record_validations(store: Store, packs: list[str], now: float | None = None)
     now = time.time() if now is None else now
     key = None
     if packs:
-        key = _validation_key(now)
-        store.backend.put(key, _validation_bytes(sorted(packs), [now] * len(packs)))
+        data = _validation_bytes(sorted(packs), [now] * len(packs))
+        key = _validation_key(now, data)
+        store.backend.put(key, data)
     keys = [k for k in store.backend.list(VALIDATION_PREFIX) if k.endswith(".parquet")]
     if len(keys) > COMPACT_AT:
         last, read = read_validations(store)
-        summary = _validation_key(now)
         names = sorted(last)
-        store.backend.put(summary, _validation_bytes(names, [last[p] for p in names]))
+        data = _validation_bytes(names, [last[p] for p in names])
+        summary = _validation_key(now, data)
+        store.backend.put(summary, data)
         for k in read:  # only after the summary is durable
             if k != summary:
                 store.backend.delete(k)
@@ -128,12 +128,15 @@ def verify_pack(store_url, pack: str, offs: np.ndarray, lens: np.ndarray, hashes
     except ObjectMissing:
         return hashes, offs, f"pack {pack} is missing", 0, f"pack {pack} is missing", True
     pack_problem = ""
+    footer = None
     try:
-        parse_footer(data, len(data), pack)
+        footer = parse_footer(data, len(data), pack)
     except DamagedData as e:
         pack_problem = e.detail
     except ValueError:
         pack_problem = f"pack {pack} has a damaged footer"
+    if footer is not None:
+        pack_problem = _footer_disagrees(pack, footer, offs, lens, hashes)
     bad, bad_off = [], []
     reason = ""
     for o, l, h in zip(offs, lens, hashes):
@@ -150,6 +153,18 @@ def verify_pack(store_url, pack: str, offs: np.ndarray, lens: np.ndarray, hashes
     return (np.array(bad, dtype="S32"), np.array(bad_off, np.uint64), reason, len(data), pack_problem, False)
 
 
+def _footer_disagrees(pack: str, footer, offs, lens, hashes) -> str:
+    """'' when the footer names each block the index places in this pack, at the same offset
+    and length; else the first disagreement (a footer that points into the wrong block)."""
+    where = {int(o): i for i, o in enumerate(footer["offset"])}
+    for o, l, h in zip(offs, lens, hashes):
+        i = where.get(int(o))
+        if i is None or int(footer["length"][i]) != int(l) or h32(footer["hash"][i]) != h32(h):
+            return (f"pack {pack}'s footer disagrees with the index at offset {int(o)} "
+                    f"(block {h32(h).hex()[:16]})")
+    return ""
+
+
 @dataclass
 class Scan:
     """What a verification found, in the detail repair needs."""
@@ -160,6 +175,7 @@ class Scan:
     reasons: list = field(default_factory=list)
     damaged_segments: list = field(default_factory=list)   # keys of segments that do not parse
     damaged_metadata: list = field(default_factory=list)   # (vm, version, key, why)
+    damaged_objects: list = field(default_factory=list)    # keys of pins, job runs, gc, validation, locks
     hashes: np.ndarray = None           # every distinct hash that versions use
     unindexed: np.ndarray = None        # hashes no segment names
     bad_entries: dict = field(default_factory=dict)   # hash -> (pack, offset) of a damaged copy
@@ -223,7 +239,7 @@ def read_versions(store: Store, scan: Scan) -> None:
         for d in disks:
             key = f"versions/{vm}/{v}/{d['manifest']}"
             try:
-                m = store.read_manifest(vm, v, d["manifest"])
+                m = store.read_manifest(vm, v, d)
                 if "blocks" in d and int(d["blocks"]) != len(m.blocks):
                     raise DamagedData(f"manifest {key} lists {len(m.blocks)} blocks, its version.json {d['blocks']}")
                 scan.disks.append((vm, v, d["name"], m.blobs()))
@@ -233,6 +249,44 @@ def read_versions(store: Store, scan: Scan) -> None:
                 scan.disks.append((vm, v, d["name"], None))
 
 
+# -- the store's other objects -------------------------------------------------------------------
+def check_objects(store: Store) -> list[tuple[str, str]]:
+    """Read and check every small object no version names: pins, job runs, gc records and their
+    entries, validation records and locks. -> [(key, why)] of those that fail their check."""
+    from .gc import read_gc_entries
+
+    bad = []
+
+    def one(key, read):
+        try:
+            read()
+        except ObjectMissing:  # removed meanwhile (a lock released, a compaction)
+            pass
+        except StoreError as e:
+            bad.append((key, e.detail or e.message))
+
+    for key in store.backend.list("pins/"):
+        if key.endswith(".json"):
+            one(key, lambda k=key: store.get_json(k))
+    for key in store.backend.list("jobs/"):
+        if "/runs/" in key and key.endswith(".json"):
+            one(key, lambda k=key: store.get_json(k))
+    for key in store.backend.list("gc/"):
+        if key.endswith(".json") and not key.endswith(".entries.json"):
+            def rec_and_entries(k=key):
+                rec = store.get_json(k)
+                read_gc_entries(store, k[:-5] + ".entries.parquet", rec)
+            one(key, rec_and_entries)
+    for key in store.backend.list(VALIDATION_PREFIX):
+        if key.endswith(".parquet"):
+            one(key, lambda k=key: read_parquet(store.backend.get(k), k, check_in_key(k), required=store.strict))
+    for lk in read_locks(store.backend, strict=store.strict):
+        if lk.get("damaged"):
+            bad.append((lk["_key"], f"{lk['damaged']}: counted as a live {lk['kind']} lock until it is "
+                                    "older than the stale age, then broken"))
+    return bad
+
+
 def scan_store(store_url, on_progress=None, sample: float | None = None, older_than: float | None = None,
                new_only: bool = False,
                seed=None, on_bytes=None) -> Scan:
@@ -240,6 +294,9 @@ def scan_store(store_url, on_progress=None, sample: float | None = None, older_t
     store = Store.open(store_url)
     scan = Scan(store=store, versions=store.list_versions())
     read_versions(store, scan)
+    for key, why in check_objects(store):
+        scan.damaged_objects.append(key)
+        scan.problems.append(why if key in why else f"{key}: {why}")
     allh = np.unique(np.concatenate([h for *_, h in scan.disks if h is not None] + [np.zeros(0, "S32")]))
     scan.hashes = allh
     index = load_index(store, scan)
@@ -339,6 +396,7 @@ def report(scan: Scan, mode: str = "all") -> dict:
         "damaged_packs": sorted(scan.damaged_packs),
         "missing_packs": sorted(scan.missing_packs),
         "damaged_segments": sorted(scan.damaged_segments),
+        "damaged_objects": sorted(scan.damaged_objects),
         "broken": broken,
         "problems": scan.problems + scan.reasons,
     }

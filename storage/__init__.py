@@ -4,16 +4,22 @@ Layout (identical on a directory and on S3, so that an ODS is a copy of an ADS):
 
     config.json                 store id, format version, block size, hash key, compression
     packs/<xx>/<pack-id>        zstd-compressed blocks appended, then a footer index
-    index/<x>/<segment>.parquet immutable (hash -> pack, offset, length) segments, by hash nibble
+    index/<x>/<blake3>.parquet  immutable (hash -> pack, offset, length) segments, by hash nibble
     versions/<vm>/<version>/    disk-<n>.parquet manifests (block number -> hash; for a patched
                                 block also base, delta, granule mask: storage/patch.py), version.json last
+                                (it names each manifest with its BLAKE3)
     locks/<kind>-<id>.json      who writes or reads, and since when (storage/locks.py)
     pins/<vm>/<version>.json    pinned versions: never pruned
     gc/<id>.json (+.entries)    a gc's condemned packs, until its sweep is done (pipelines/gc.py)
-    validation/<time>-<id>      packs found intact by verify, and when (append-only)
+    validation/<time>-<blake3>  packs found intact by verify, and when (append-only)
+    jobs/<name>/runs/<id>.json  job runs (alike_ray/jobs.py)
 
 Invariants:
 - every object is written atomically (a reader sees all of it or nothing);
+- every object carries a check of its own bytes, verified on every read (storage/objects.py:
+  checked JSON; Parquet with page checksums and its BLAKE3 in its key or in the object naming
+  it; packs by block hashes and a footer crc over the pack id); an object that fails it is
+  damaged data (DamagedData, exit 3), named, never used. Stores of format 1 still read;
 - a version is visible only once its version.json exists, and version.json is written after
   its manifests, which are written after the index segments naming their blocks, which are
   written after the packs holding those blocks. A crash therefore leaves only unreferenced

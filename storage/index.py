@@ -5,14 +5,11 @@ merge of binary-counter sizes), 44 bytes per unique block: 32 for the hash, 4 ea
 pack number, offset and length. Pack ids are kept once per pack, not per block. Lookups are
 vectorised over a batch with `searchsorted`.
 
-On the store, the index is a set of immutable Parquet segments under index/<x>/, where <x> is
-the hash's first nibble (16 shards). A segment is written only after every pack it names is
+On the store, the index is a set of immutable Parquet segments under index/<x>/<blake3>.parquet,
+where <x> is the hash's first nibble (16 shards) and <blake3> the check of the segment's bytes. A segment is written only after every pack it names is
 durable, so a segment never points at a pack that a crash could have lost.
 """
 from __future__ import annotations
-
-import io
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -120,24 +117,29 @@ def arrow_to_hashes(col) -> np.ndarray:
 
 
 def segment_bytes(hashes: np.ndarray, packs: list[str], offsets, lengths) -> bytes:
-    table = pa.table({
+    from .objects import parquet_bytes
+
+    return parquet_bytes(pa.table({
         "hash": hashes_to_arrow(hashes),
         "pack": pa.array(packs, pa.string()).dictionary_encode(),
         "offset": pa.array(np.asarray(offsets, np.uint32)),
         "length": pa.array(np.asarray(lengths, np.uint32)),
-    })
-    out = io.BytesIO()
-    pq.write_table(table, out, compression="zstd")
-    return out.getvalue()
+    }))
 
 
-def segment_key(shard: int) -> str:
-    return f"index/{shard:x}/{uuid.uuid4().hex}.parquet"
+def segment_key(shard: int, check: str) -> str:
+    """A segment's key carries the BLAKE3 of its bytes (storage/objects.py)."""
+    return f"index/{shard:x}/{check}.parquet"
 
 
 def read_segment(data: bytes):
-    """-> (hashes, (pack ids, index per entry), offsets, lengths), ready for CompactIndex.add."""
-    t = pq.read_table(pa.BufferReader(data))
+    """-> (hashes, (pack ids, index per entry), offsets, lengths) of unchecked segment bytes."""
+    return segment_arrays(pq.read_table(pa.BufferReader(data)))
+
+
+def segment_arrays(t):
+    """-> (hashes, (pack ids, index per entry), offsets, lengths) of a segment's table, ready
+    for CompactIndex.add."""
     packs = t.column("pack").combine_chunks()
     if not isinstance(packs, pa.DictionaryArray):
         packs = packs.dictionary_encode()

@@ -2,6 +2,10 @@
 
     locks/<kind>-<id>.json   {"id", "kind", "op", "host", "pid", "started", "heartbeat"}
 
+Lock objects are checked JSON (storage/objects.py). A lock whose object fails its check still
+stands for a holder that cannot be named: it counts as live, of the kind its key names, until
+the object itself is older than the stale age (the holder rewrites it at every heartbeat).
+
 Three kinds:
 - shared ("writer"): backups, vault into the store, prune. Any number at once; they only add
   objects, or remove version.json files, which never hurts another writer.
@@ -23,7 +27,6 @@ whoever finds them.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -31,7 +34,8 @@ import threading
 import time
 import uuid
 
-from .errors import StoreError
+from .errors import DamagedData, ObjectMissing, StoreError
+from .objects import open_json, seal_json
 
 HEARTBEAT = 20.0
 
@@ -82,9 +86,8 @@ class Lock:
         self.lost = False
 
     def _body(self) -> bytes:
-        return json.dumps({"id": self.id, "kind": self.kind, "op": self.op, "host": _host(),
-                           "pid": os.getpid(), "started": self.started,
-                           "heartbeat": time.time()}).encode()
+        return seal_json({"id": self.id, "kind": self.kind, "op": self.op, "host": _host(),
+                          "pid": os.getpid(), "started": self.started, "heartbeat": time.time()})
 
     def acquire(self) -> "Lock":
         self.backend.put(self.key, self._body())
@@ -138,17 +141,30 @@ def describe(lk: dict) -> str:
     return f"{lk.get('op', '?')} (pid {lk.get('pid')} on {lk.get('host')}, since {when})"
 
 
-def read_locks(backend) -> list[dict]:
+def read_locks(backend, strict: bool = False) -> list[dict]:
+    """Every lock object; a damaged one as a lock of unknown holder (`damaged`: why), aged by
+    its object's modification time. `strict` (verify, on a store of format 2): a lock without
+    a check is damaged too."""
     out = []
+    mtimes = None
     for key in backend.list("locks/"):
         if not key.endswith(".json"):
             continue
         try:
-            lk = json.loads(backend.get(key))
-            lk["_key"] = key
-            out.append(lk)
-        except Exception:  # vanished between list and get, or a torn leftover
+            raw = backend.get(key)
+        except ObjectMissing:  # released between list and get
             continue
+        try:
+            lk = open_json(raw, key, required=strict)
+        except DamagedData as e:
+            if mtimes is None:
+                mtimes = {k: mt for k, (_, mt) in backend.stat_all("locks/").items()}
+            mt = mtimes.get(key, time.time())
+            name = key.rsplit("/", 1)[-1][:-len(".json")]
+            lk = {"id": name, "kind": name.split("-", 1)[0], "op": "holder unknown (its lock object is damaged)",
+                  "host": None, "pid": None, "started": mt, "heartbeat": mt, "damaged": e.detail}
+        lk["_key"] = key
+        out.append(lk)
     return out
 
 

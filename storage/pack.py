@@ -3,9 +3,13 @@
     "ALKPACK1" | block 0 | block 1 | ... | footer | trailer
 
 footer: one FOOTER_DTYPE record per block (hash, offset, length, crc32 of the stored bytes).
-trailer (16 bytes): footer length (u32 LE), crc32 of the footer (u32 LE), "ALKFOOT1".
+trailer (16 bytes): footer length (u32 LE), crc32 (u32 LE), "ALKFOOT2": the crc32 covers the
+pack's id (32 ASCII hex digits) and then the footer, so a pack found under another pack's name
+(swapped, renamed, copied over) fails its footer check. Packs written before (magic "ALKFOOT1")
+have a crc32 of the footer alone, and still read.
 A pack is written in one atomic put; the footer lets a pack be checked, or the index rebuilt,
-from the pack alone.
+from the pack alone. Each stored block is checked on its own too: by the keyed BLAKE3 that the
+index names it by (a restore decodes and re-hashes every block) and by its footer crc32.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import numpy as np
 from .errors import DamagedData
 
 MAGIC = b"ALKPACK1"
-TRAILER_MAGIC = b"ALKFOOT1"
+TRAILER_MAGIC = b"ALKFOOT2"
+TRAILER_MAGIC_V1 = b"ALKFOOT1"
 TRAILER = struct.Struct("<II8s")
 FOOTER_DTYPE = np.dtype([("hash", "S32"), ("offset", "<u8"), ("length", "<u4"), ("crc", "<u4")])
 # flush at this size: packs land between 16 and 64 MiB. $ALIKE_PACK_TARGET (bytes) changes it,
@@ -54,22 +59,30 @@ class PackBuilder:
 
     def finish(self) -> bytes:
         footer = np.array(self.entries, dtype=FOOTER_DTYPE).tobytes()
-        trailer = TRAILER.pack(len(footer), zlib.crc32(footer), TRAILER_MAGIC)
+        trailer = TRAILER.pack(len(footer), footer_crc(self.pack_id, footer), TRAILER_MAGIC)
         return b"".join(self.parts + [footer, trailer])
 
 
+def footer_crc(pack_id: str, footer: bytes) -> int:
+    return zlib.crc32(footer, zlib.crc32(pack_id.encode()))
+
+
 def parse_footer(tail: bytes, pack_size: int, where: str) -> np.ndarray:
-    """Parse a footer given the pack's last bytes (at least the footer and trailer)."""
+    """Parse a footer given the pack's last bytes (at least the footer and trailer); `where` is
+    the pack's id, which the footer's crc covers."""
     if len(tail) < TRAILER.size:
         raise DamagedData(f"pack {where} is truncated")
     flen, fcrc, magic = TRAILER.unpack(tail[-TRAILER.size:])
-    if magic != TRAILER_MAGIC or flen % FOOTER_DTYPE.itemsize or flen + TRAILER.size + len(MAGIC) > pack_size:
+    if magic not in (TRAILER_MAGIC, TRAILER_MAGIC_V1) or flen % FOOTER_DTYPE.itemsize or flen + TRAILER.size + len(MAGIC) > pack_size:
         raise DamagedData(f"pack {where} has a damaged or missing footer")
     if len(tail) < flen + TRAILER.size:
         raise ValueError("need more tail")
     footer = tail[-TRAILER.size - flen:-TRAILER.size]
-    if zlib.crc32(footer) != fcrc:
-        raise DamagedData(f"pack {where} has a damaged footer")
+    if magic == TRAILER_MAGIC_V1:
+        if zlib.crc32(footer) != fcrc:
+            raise DamagedData(f"pack {where} has a damaged footer")
+    elif footer_crc(where, footer) != fcrc:
+        raise DamagedData(f"pack {where} has a damaged footer, or holds another pack's data (swapped or renamed)")
     return np.frombuffer(footer, dtype=FOOTER_DTYPE)
 
 

@@ -5,7 +5,6 @@ See `storage/__init__.py` for the layout and the commit order this class keeps.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import os
 import re
@@ -14,15 +13,17 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import index as _index
 from .backend import Backend, open_backend
 from .codec import DEFAULT_BLOCK, Codec, check_block_size
 from .errors import BadConfig, DamagedData, NotAStore, ObjectMissing, StoreExists, InvalidValue
+from .objects import check_in_key, digest, has_check, open_json, parquet_bytes, read_parquet, seal_json
 from .pack import TARGET_PACK, PackBuilder, pack_key
 
-FORMAT = 1
+# 2: every object carries a check of its own bytes (storage/objects.py). Format 1 still reads.
+FORMAT = 2
+READS = (1, 2)
 VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -112,6 +113,16 @@ class Store:
         self.block_size = int(config["block_size"])
         self.codec = Codec(bytes.fromhex(config["hash_key"]), int(config.get("zstd_level", 3)))
         self.url = backend.url
+        # format 1 stores hold objects written before checks: those are taken as they are
+        self.strict = int(config.get("format", 1)) >= 2
+
+    # -- checked objects (storage/objects.py) -----------------------------------------------------
+    def put_json(self, key: str, obj: dict) -> None:
+        self.backend.put(key, seal_json(obj))
+
+    def get_json(self, key: str) -> dict:
+        """A JSON object of the store, checked: DamagedData naming `key` when it fails."""
+        return open_json(self.backend.get(key), key, required=self.strict)
 
     # -- creation and opening -------------------------------------------------------------
     @classmethod
@@ -145,8 +156,33 @@ class Store:
             "encryption": "none",
         }
         config["hash_key_id"] = Codec(bytes.fromhex(config["hash_key"])).hash(b"alike-hash-key-id").hex()[:16]
-        backend.put("config.json", json.dumps(config, indent=2).encode())
+        backend.put("config.json", seal_json(config))
         return cls(backend, config)
+
+    @staticmethod
+    def parse_config(raw: bytes) -> dict:
+        """config.json's object, checked; DamagedData when it fails its check, BadConfig when it
+        is of a format this alike does not read."""
+        if has_check(raw):
+            config = open_json(raw, "config.json")
+        else:  # written before checks: only format 1 may lack one
+            try:
+                config = json.loads(raw)
+            except Exception:
+                raise DamagedData("config.json does not parse") from None
+            if not isinstance(config, dict) or config.get("format") != 1:
+                raise DamagedData("config.json has no check of its own bytes")
+        if config.get("format") not in READS:
+            raise BadConfig(f"format {config.get('format')!r}, this alike reads formats {', '.join(map(str, READS))}")
+        try:
+            check_block_size(int(config["block_size"]))
+            if len(bytes.fromhex(config["hash_key"])) != 32:
+                raise ValueError("hash key is not 32 bytes")
+        except BadConfig:
+            raise
+        except Exception as e:  # any malformed value
+            raise BadConfig(f"{type(e).__name__}: {e}") from None
+        return config
 
     @classmethod
     def open(cls, url) -> "Store":
@@ -162,17 +198,7 @@ class Store:
             raw = backend.get("config.json")
         except ObjectMissing:
             raise NotAStore(url) from None
-        try:
-            config = json.loads(raw)
-            if config.get("format") != FORMAT:
-                raise BadConfig(f"format {config.get('format')!r}, this alike reads format {FORMAT}")
-            check_block_size(int(config["block_size"]))
-            bytes.fromhex(config["hash_key"])
-        except BadConfig:
-            raise
-        except Exception as e:  # any malformed value
-            raise BadConfig(f"{type(e).__name__}: {e}") from None
-        return cls(backend, config)
+        return cls(backend, cls.parse_config(raw))
 
     _cache: dict = {}
 
@@ -209,19 +235,24 @@ class Store:
         lengths = np.asarray(lengths)
         for s in np.unique(shards):
             m = shards == s
-            key = _index.segment_key(int(s))
-            self.backend.put(key, _index.segment_bytes(hashes[m], list(packs[m]), offsets[m], lengths[m]))
-            keys.append(key)
+            keys.append(self.put_segment(int(s), _index.segment_bytes(hashes[m], list(packs[m]), offsets[m], lengths[m])))
         return keys
 
     def segment_keys(self, shard: int | None = None) -> list[str]:
         prefix = "index/" if shard is None else f"index/{shard:x}/"
         return [k for k in self.backend.list(prefix) if k.endswith(".parquet")]
 
+    def put_segment(self, shard: int, data: bytes) -> str:
+        """Store a segment under the key that carries its check: index/<x>/<blake3>.parquet."""
+        key = _index.segment_key(shard, digest(data))
+        self.backend.put(key, data)
+        return key
+
     def read_segment(self, key: str):
         raw = self.backend.get(key)  # an unreachable or refusing store raises its own error here
+        t = read_parquet(raw, f"index segment {key}", check_in_key(key), required=self.strict)
         try:
-            return _index.read_segment(raw)
+            return _index.segment_arrays(t)
         except Exception as e:
             raise DamagedData(f"index segment {key} does not parse ({e})") from None
 
@@ -279,10 +310,13 @@ class Store:
                 _, first = np.unique(rec, return_index=True)
                 first.sort()
                 h, p, o, n = h[first], p[first], o[first], n[first]
-                self.backend.put(_index.segment_key(shard), _index.segment_bytes(h, list(p), o, n))
+                new = self.put_segment(shard, _index.segment_bytes(h, list(p), o, n))
                 stats["segments_written"] += 1
+            else:
+                new = None
             for k in keys:
-                self.backend.delete(k)
+                if k != new:  # the same content is the same key: that one is the new segment
+                    self.backend.delete(k)
             stats["segments_read"] += len(keys)
             if on_progress:
                 on_progress(shard + 1, _index.N_SHARDS)
@@ -308,18 +342,17 @@ class Store:
         return sorted(out, key=lambda t: (t[1], t[0]))
 
     def read_version(self, vm: str, version: str) -> dict:
-        key = f"versions/{vm}/{version}/version.json"
-        raw = self.backend.get(key)
-        try:
-            return json.loads(raw)
-        except Exception:
-            raise DamagedData(f"{key} does not parse") from None
+        meta = self.get_json(f"versions/{vm}/{version}/version.json")
+        if not isinstance(meta.get("disks", []), list):
+            raise DamagedData(f"versions/{vm}/{version}/version.json has no list of disks")
+        return meta
 
     def write_manifest(self, vm: str, version: str, disk_no: int, blocks: np.ndarray, hashes: np.ndarray,
                        bases: np.ndarray | None = None, deltas: np.ndarray | None = None,
-                       grains: np.ndarray | None = None) -> str:
+                       grains: np.ndarray | None = None) -> dict:
         """One disk's manifest: block number -> hash, and for patched blocks (storage/patch.py)
-        their base, delta and granule mask (columns written only when a block is patched)."""
+        their base, delta and granule mask (columns written only when a block is patched).
+        -> {"manifest": name, "manifest_blake3": its check}, for the disk's entry in version.json."""
         name = f"disk-{disk_no}.parquet"
         order = np.argsort(blocks, kind="stable")
         cols = {"block": pa.array(np.asarray(blocks, np.uint64)[order]),
@@ -328,17 +361,39 @@ class Store:
             cols["base"] = _index.hashes_to_arrow(np.asarray(bases, "S32")[order])
             cols["delta"] = _index.hashes_to_arrow(np.asarray(deltas, "S32")[order])
             cols["grains"] = pa.array(np.asarray(grains, np.uint64)[order])
-        out = io.BytesIO()
-        pq.write_table(pa.table(cols), out, compression="zstd")
-        self.backend.put(f"versions/{vm}/{version}/{name}", out.getvalue())
-        return name
+        data = parquet_bytes(pa.table(cols))
+        self.backend.put(f"versions/{vm}/{version}/{name}", data)
+        return {"manifest": name, "manifest_blake3": digest(data)}
 
-    def read_manifest(self, vm: str, version: str, name: str) -> "Manifest":
-        """-> the Manifest of the non-zero blocks, in block order; it unpacks as (blocks, hashes)."""
-        key = f"versions/{vm}/{version}/{name}"
+    def _disk_entry(self, vm: str, version: str, disk) -> dict:
+        if isinstance(disk, dict):
+            return disk
+        for d in self.read_version(vm, version).get("disks", []):
+            if isinstance(d, dict) and d.get("manifest") == disk:
+                return d
+        raise DamagedData(f"versions/{vm}/{version}/version.json names no manifest {disk}")
+
+    def read_manifest_bytes(self, vm: str, version: str, disk) -> bytes:
+        """A manifest's bytes, checked against the BLAKE3 its version.json records. `disk` is the
+        disk's entry of version.json (or the manifest's name: version.json is read then)."""
+        d = self._disk_entry(vm, version, disk)
+        key = f"versions/{vm}/{version}/{d['manifest']}"
         raw = self.backend.get(key)
+        check = d.get("manifest_blake3")
+        if check is not None and digest(raw) != check:
+            raise DamagedData(f"manifest {key} fails its check (BLAKE3 of its bytes)")
+        if check is None and self.strict:
+            raise DamagedData(f"manifest {key} has no check in its version.json")
+        return raw
+
+    def read_manifest(self, vm: str, version: str, disk) -> "Manifest":
+        """-> the Manifest of the non-zero blocks, in block order; it unpacks as (blocks, hashes).
+        `disk`: the disk's entry of version.json, or the manifest's name."""
+        d = self._disk_entry(vm, version, disk)
+        key = f"versions/{vm}/{version}/{d['manifest']}"
+        raw = self.read_manifest_bytes(vm, version, d)
+        t = read_parquet(raw, f"manifest {key}", None, required=False)  # checked just above
         try:
-            t = pq.read_table(pa.BufferReader(raw))
             blocks, hashes = t.column("block").to_numpy(), _index.arrow_to_hashes(t.column("hash"))
             if "delta" in t.column_names:
                 return Manifest(blocks, hashes, _index.arrow_to_hashes(t.column("base")),
@@ -360,9 +415,12 @@ class Store:
 
     # -- pins: a pinned version is never pruned ----------------------------------------------
     def pin(self, vm: str, version: str, note: str = "") -> None:
-        self.backend.put(f"pins/{vm}/{version}.json", json.dumps(
-            {"vm": vm, "version": version, "note": note,
-             "pinned": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode())
+        self.put_json(f"pins/{vm}/{version}.json",
+                      {"vm": vm, "version": version, "note": note,
+                       "pinned": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+    def read_pin(self, vm: str, version: str) -> dict:
+        return self.get_json(f"pins/{vm}/{version}.json")
 
     def unpin(self, vm: str, version: str) -> None:
         self.backend.delete(f"pins/{vm}/{version}.json")
@@ -377,4 +435,4 @@ class Store:
 
     def commit_version(self, vm: str, version: str, meta: dict) -> None:
         """The last step of a backup: the version becomes visible, atomically."""
-        self.backend.put(f"versions/{vm}/{version}/version.json", json.dumps(meta, indent=2).encode())
+        self.put_json(f"versions/{vm}/{version}/version.json", meta)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from storage.errors import InvalidValue, StoreError
+from storage.errors import DamagedData, InvalidValue, ObjectMissing, StoreError
 
 from ..ui import _emit, out
 
@@ -180,10 +180,11 @@ def list_pins(store) -> list[dict]:
     for vm, version in sorted(store.pins()):
         row = {"vm": vm, "version": version, "note": "", "pinned": None}
         try:
-            row.update({k: v for k, v in json.loads(store.backend.get(f"pins/{vm}/{version}.json")).items()
-                        if k in ("note", "pinned")})
-        except Exception:  # unpinned meanwhile, or a torn file: the pin still counts
+            row.update({k: v for k, v in store.read_pin(vm, version).items() if k in ("note", "pinned")})
+        except ObjectMissing:  # unpinned meanwhile
             pass
+        except DamagedData as e:  # the pin still counts: only its note is lost
+            row["damaged"] = e.detail
         row["exists"] = store.backend.exists(f"versions/{vm}/{version}/version.json")
         rows.append(row)
     return rows

@@ -44,7 +44,11 @@ def cmd_repair(args) -> int:
                      + (f" ({n} block(s))" if n else " (manifest unreadable)"))
     for m in rep["metadata_copied"]:
         lines.append(f"  {'would copy' if args.dry_run else 'copied'} {m['key']} ({m['why']})")
-    if args.dry_run:
+    for m in rep.get("objects_healed", []):
+        lines.append(f"  {'would heal' if args.dry_run else 'healed'} {m['key']}: {m['action']}")
+    if args.dry_run and "blocks_to_fetch" not in rep:  # config.json first: the rest is known after
+        lines.append(f"dry run: config.json would be written again; {rep['note']}")
+    elif args.dry_run:
         lines.append(f"dry run: would fetch {rep['blocks_to_fetch']} block(s), {_h(rep['bytes_to_fetch'])}, "
                      f"from {len(rep['would_fetch_packs'])} pack(s) of {rep['from']}; would drop "
                      f"{len(rep['would_drop_packs'])} pack(s) and remove {len(rep['would_remove_segments'])} "
