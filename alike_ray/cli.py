@@ -84,9 +84,12 @@ def cmd_backup(args) -> int:
                            "exit_code": 3})
     for r in failed:
         print(f"alike: error: {r['error']}", file=sys.stderr)
+    for r in results:  # what the source warned about (an image cut short...), kept with the version
+        for note in r.get("notes", []):
+            print(f"alike: warning: {r['vm']}: {note}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
-            "cache_hits", "index_lookups", "packs", "cbt", "patched_blocks", "cbt_notes", "read_nodes", "seconds", "phase_seconds",
-            "task_seconds", "vaulted")
+            "cache_hits", "index_lookups", "packs", "cbt", "patched_blocks", "cbt_notes", "notes", "read_nodes", "seconds",
+            "phase_seconds", "task_seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:

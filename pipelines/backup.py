@@ -10,6 +10,8 @@ claims also when the backup fails.
 munge_batch(): reads a batch, drops zero blocks, hashes, compares with the munge cache (an
 unchanged block costs no lookup and no write), asks the index shards about the rest in one
 batch, and compresses the blocks the store lacks. Blocks travel as numpy arrays.
+Sources are used only through their contract (alike_ray/sources/base.py, which states it):
+this module never imports them and never asks what a source can do.
 """
 from __future__ import annotations
 
@@ -51,14 +53,6 @@ def _runs(blocks: np.ndarray):
     return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
-def _read_into(disk, buf: np.ndarray, off: int) -> int:
-    """Fill `buf` from the disk at `off`. -> bytes read (a source may skip holes)."""
-    if hasattr(disk, "read_into"):
-        return disk.read_into(buf, off)
-    buf[:] = disk.read(off, len(buf))
-    return len(buf)
-
-
 @ray.remote(max_retries=3)
 def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None,
                 pbase: np.ndarray | None = None, pmask: np.ndarray | None = None):
@@ -83,19 +77,18 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         grain = patch.grain_size(block_size)
         for i in np.flatnonzero(pmask != 0):
             pruns.append((int(i), [(int(blocks[i]) * block_size + o, n) for o, n in patch.runs_of(pmask[i], grain)]))
-    if hasattr(disk, "prefetch"):
-        for first, count in runs:  # the disk reads ahead while we hash and compress
-            disk.prefetch(first * block_size, min(count * block_size, disk.size - first * block_size))
-        for _, pieces in pruns:
-            for off, n in pieces:
-                disk.prefetch(off, n)
+    for first, count in runs:  # the disk reads ahead while we hash and compress
+        disk.prefetch(first * block_size, min(count * block_size, disk.size - first * block_size))
+    for _, pieces in pruns:
+        for off, n in pieces:
+            disk.prefetch(off, n)
     bi = -1  # position in `todo`
     for first, count in runs:
         off = first * block_size
         length = min(count * block_size, disk.size - off)
         t0 = time.perf_counter()
         buf = np.zeros(length, dtype=np.uint8)
-        read_bytes += _read_into(disk, buf, off)
+        read_bytes += disk.read_into(buf, off)
         t1 = time.perf_counter()
         t_read += t1 - t0
         for k in range(count):
@@ -122,7 +115,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         buf = np.zeros(sum(n for _, n in pieces), dtype=np.uint8)
         pos = 0
         for off, n in pieces:
-            read_bytes += _read_into(disk, buf[pos:pos + n], off)
+            read_bytes += disk.read_into(buf[pos:pos + n], off)
             pos += n
         t1 = time.perf_counter()
         t_read += t1 - t0
@@ -227,12 +220,15 @@ class SnapshotActor:
         self.read_nodes = set()
         t0 = time.monotonic()
         snap = None
+        committed = False
         try:
             self.phase = "snapshot"
             snap = source.snapshot(vm)
             self.t_snapshot = round(time.monotonic() - t0, 3)
             crash_point("after-snapshot")
-            return self._run(snap, vm, version, full, t0)
+            meta = self._run(snap, vm, version, full, t0)
+            committed = True
+            return meta
         except StoreError:
             raise
         except BaseException as e:
@@ -246,8 +242,8 @@ class SnapshotActor:
             try:
                 self.index.release(self.owner)
             finally:
-                if snap is not None:
-                    snap.release()
+                if snap is not None:  # the source keeps its previous CBT marker usable unless we committed
+                    snap.release(failed=not committed)
 
     # -- the munge --------------------------------------------------------------------------
     def _previous(self, vm: str):
@@ -306,7 +302,7 @@ class SnapshotActor:
             if self.cbt and pd is not None and pd.get("cbt"):
                 changed = disk.changed_extents(pd.get("cbt"))  # None: chain broken, read everything
                 if changed is None:  # say why in the version and the job log
-                    stats.setdefault("cbt_notes", []).append(getattr(disk, "cbt_note", None) or
+                    stats.setdefault("cbt_notes", []).append(disk.cbt_note or
                                                              f"disk {disk.name}: changed block tracking "
                                                              "unavailable; read in full")
             stats["cbt"] = stats.get("cbt", True) and changed is not None
@@ -375,13 +371,14 @@ class SnapshotActor:
         meta = {
             "vm": vm, "version": version,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": getattr(snap.vm, "id", vm),
+            "source": snap.vm.id,
             "block_size": bs, "full": bool(full),
             "previous": prev[0] if prev else None,
             "disks": disks_meta,
             "logical_bytes": logical,
             **stats,
             "read_nodes": sorted(self.read_nodes),
+            **({"notes": list(snap.vm.notes)} if snap.vm.notes else {}),  # warnings of the source
             "seconds": round(seconds, 3),
         }
         if self.lock_key and not store.backend.exists(self.lock_key):

@@ -108,6 +108,8 @@ def _parts(args, lib, disk) -> int:
             what = p["filesystem"] or f"- {p['found']}"
             desc = f"  {p['description']}" if p["description"] else ""
             out(f"  {p['number']:>3}  {p['scheme']:<4} start {p['start']:>14}  {_h(p['size']):>10}  {what}{desc}")
+            if p["past_end"]:  # the partition table claims more than the disk holds
+                out(f"       warning: {lib.Partition(**p).cut_short(r['size'])}")
     return 0
 
 

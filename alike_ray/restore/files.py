@@ -75,6 +75,16 @@ class Partition:
     filesystem: str | None = None  # ext4, xfs, fat16, ntfs... None when none alike can read
     found: str | None = None  # what is there when it is no readable filesystem
     why: str | None = None  # and what the library said
+    # bytes of it past the end of the disk: the table claims more than the disk holds (an image
+    # cut short before its backup); what lay there was never backed up
+    past_end: int = 0
+
+    def cut_short(self, disk_size: int) -> str | None:
+        if not self.past_end:
+            return None
+        where = "the whole disk" if self.number == 0 else f"partition {self.number}"
+        return (f"{where} runs {_h(self.past_end)} past the end of the disk ({_h(disk_size)}): the disk image was "
+                f"cut short before its backup, and files stored there cannot be read")
 
 
 @dataclass
@@ -232,7 +242,8 @@ class Filesystem:
         bad = self.disk.store_failure()
         if bad is not None:
             raise bad from None
-        raise DamagedFilesystem(f"{self.where}: cannot {doing}: {e}") from None
+        cut = self.part.cut_short(self.disk.size)
+        raise DamagedFilesystem(f"{self.where}: cannot {doing}: {e}" + (f" ({cut})" if cut else "")) from None
 
 
 _TSK_TYPES = {}
@@ -448,6 +459,7 @@ def _scan(disk: Disk) -> list[tuple]:
                                    p.desc.decode("utf-8", "replace").strip("\x00 ")))
     out = []
     for p in parts:
+        p.past_end = max(0, p.start + p.size - disk.size)
         try:
             out.append((p, _probe(disk, img, p)))
         except DamagedFilesystem as e:  # listed as found; opening it raises this

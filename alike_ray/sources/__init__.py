@@ -1,11 +1,11 @@
-"""Sources: where disks come from. One module per platform behind one protocol (base.py).
+"""Sources: where disks come from. One module per platform behind one contract (base.py).
 
 `open_source(spec)` parses a source spec such as `image:/path/web.raw` or
 `kvm:qemu:///system` (the VMs of a libvirt connection).
 """
 from __future__ import annotations
 
-from .base import Disk, Snapshot, Source, SourceError, VMInfo
+from .base import Disk, DiskInfo, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 
 def open_source(spec: str, **options) -> Source:
@@ -33,4 +33,5 @@ def absolute_source(spec: str, base: str | None = None) -> str:
     return "image:" + ",".join(os.path.abspath(os.path.join(base, p) if base else p) for p in rest.split(","))
 
 
-__all__ = ["Disk", "Snapshot", "Source", "SourceError", "VMInfo", "absolute_source", "open_source"]
+__all__ = ["Disk", "DiskInfo", "Snapshot", "Source", "SourceError", "VMInfo", "VMNotFound", "absolute_source",
+           "open_source"]

@@ -5,6 +5,10 @@ Whitespace awareness: raw files are mapped with SEEK_DATA/SEEK_HOLE, qcow2 files
 `qemu-img map`, so holes and unallocated or zero clusters are never read. A plain qcow2 (no
 backing file, no compressed clusters) is read in place at the host offsets of its clusters; any
 other qcow2 is first converted to a temporary sparse raw file, which `release()` removes.
+
+A raw image whose partition table (MBR or GPT) says the disk is larger than the file is an
+image cut short (an interrupted copy or download): it is listed and backed up as the file
+is, with a note (VMInfo.notes) that the backup records and shows as a warning.
 """
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 
 import numpy as np
 
-from .base import Disk, Snapshot, Source, SourceError, VMInfo
+from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 
 def _qemu_img(*args) -> str:
@@ -79,22 +84,29 @@ class MappedDisk(Disk):
         return self._fd
 
     def read_into(self, buf: np.ndarray, offset: int) -> int:
-        """Fill `buf` with guest bytes from `offset`; return how many bytes were read from disk."""
+        """Fill `buf` with guest bytes from `offset` (zeros between extents); return how many
+        bytes were read from disk."""
         fd = self._open()
         length = len(buf)
         end = offset + length
         i = max(0, int(np.searchsorted(self._guest, offset, side="right")) - 1)
         done = 0
+        pos = offset  # everything before it is filled
         mv = memoryview(buf)
         while i < len(self._guest) and self._guest[i] < end:
             g, ln, h = int(self._guest[i]), int(self._len[i]), int(self._host[i])
             s, e = max(g, offset), min(g + ln, end)
             if s < e:
+                if s > pos:
+                    buf[pos - offset:s - offset] = 0
                 n = os.preadv(fd, [mv[s - offset:e - offset]], h + (s - g))
                 if n != e - s:
                     raise SourceError(f"{self.path} ended early (read {n} of {e - s} bytes at {s}): was it truncated?")
                 done += n
+                pos = e
             i += 1
+        if pos < end:
+            buf[pos - offset:] = 0
         return done
 
     def prefetch(self, offset: int, length: int) -> None:
@@ -117,15 +129,66 @@ class MappedDisk(Disk):
 
 
 class ImageSnapshot(Snapshot):
+    """Images are not frozen (nothing may write them during a backup); what a snapshot makes
+    is the temporary raw files of converted qcow2 images."""
+
     def __init__(self, vm: VMInfo, disks, tmpdirs):
         self.vm = vm
         self.disks = disks
         self._tmpdirs = tmpdirs
 
-    def release(self):
+    def release(self, failed: bool = False) -> None:
         for d in self._tmpdirs:
             shutil.rmtree(d, ignore_errors=True)
         self._tmpdirs = []
+
+
+def _partition_table_ends(head: bytes) -> list[tuple[int, str]]:
+    """Where the MBR or GPT partition table in `head` (the first bytes of a disk) says its
+    partitions (and GPT's backup header) end -> [(byte offset, what ends there)]."""
+    if len(head) < 512 or head[510:512] != b"\x55\xaa":
+        return []
+    ends, gpt = [], False
+    for i in range(4):
+        e = head[446 + 16 * i:462 + 16 * i]
+        start, count = struct.unpack("<II", e[8:16])
+        if e[4] == 0xEE:
+            gpt = True
+        elif e[4] and count:
+            ends.append(((start + count) * 512, f"partition {i + 1}"))
+    for sector in (512, 4096) if gpt else ():
+        h = head[sector:sector + 92]
+        if h[:8] != b"EFI PART":
+            continue
+        (alternate,) = struct.unpack("<Q", h[32:40])
+        lba, n, esz = struct.unpack("<QII", h[72:88])
+        table = head[lba * sector:lba * sector + n * esz] if esz >= 128 else b""
+        for k in range(len(table) // esz if esz else 0):
+            ent = table[k * esz:k * esz + 48]
+            if ent[:16] != bytes(16):
+                (last,) = struct.unpack("<Q", ent[40:48])
+                ends.append(((last + 1) * sector, f"partition {k + 1}"))
+        ends.append(((alternate + 1) * sector, "the GPT backup header"))
+        break
+    return ends
+
+
+def _cut_short(path: str, size: int) -> str | None:
+    """A note when the partition table of raw image `path` claims more than its `size`."""
+    try:
+        with open(path, "rb") as f:
+            past = [e for e in _partition_table_ends(f.read(64 * 1024)) if e[0] > size]
+    except OSError:
+        return None
+    if not past:
+        return None
+    from ..ui import _h
+
+    # a partition that runs past the end says more to the user than GPT's backup header
+    end, what = max((e for e in past if e[1].startswith("partition")), default=max(past))
+    return (f"image {path} looks cut short: its partition table says {what} ends at {_h(end)} ({end} bytes), "
+            f"but the file holds {_h(size)} ({size} bytes); the backup keeps only what the file holds "
+            f"(was a copy or download interrupted?)")
 
 
 class ImageSource(Source):
@@ -153,11 +216,31 @@ class ImageSource(Source):
         return st
 
     def list_vms(self):
-        disks = []
+        disks, notes = [], []
         for p in self.paths:
-            self._check(p)
-            disks.append((os.path.basename(p), 0))
-        return [VMInfo(self.name, ",".join(self.paths), disks, power_state="n/a")]
+            st = self._check(p)
+            size = self._size(p, st)
+            disks.append((os.path.basename(p), size))
+            if not stat.S_ISBLK(st.st_mode) and self._format(p) == "raw":
+                note = _cut_short(p, size)
+                if note:
+                    notes.append(note)
+        return [VMInfo(self.name, ",".join(self.paths), disks, power_state="n/a", notes=notes)]
+
+    def _size(self, path: str, st: os.stat_result) -> int:
+        """The guest's size of the disk: a raw file's length, a device's, a qcow2's virtual size
+        (from its header: big-endian u64 at byte 24)."""
+        if stat.S_ISBLK(st.st_mode):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        with open(path, "rb") as f:
+            head = f.read(32)
+        if head[:4] == b"QFI\xfb" and len(head) == 32:
+            return struct.unpack(">Q", head[24:32])[0]
+        return st.st_size
 
     def _format(self, path: str) -> str:
         with open(path, "rb") as f:
@@ -165,6 +248,10 @@ class ImageSource(Source):
         return "qcow2" if magic == b"QFI\xfb" else "raw"
 
     def snapshot(self, vm: str | None = None) -> ImageSnapshot:
+        info = self.list_vms()[0]
+        if vm is not None and vm not in (info.name, info.id):
+            raise VMNotFound(f"no VM named {vm!r} in image:{info.id}: its VM is {info.name!r} "
+                             f"(see `alike inventory image:{info.id}`)")
         disks, tmpdirs = [], []
         try:
             for i, path in enumerate(self.paths):
@@ -191,7 +278,7 @@ class ImageSource(Source):
             for d in tmpdirs:
                 shutil.rmtree(d, ignore_errors=True)
             raise
-        return ImageSnapshot(self.list_vms()[0], disks, tmpdirs)
+        return ImageSnapshot(info, disks, tmpdirs)
 
     def _qcow2(self, name: str, path: str, tmpdirs: list) -> MappedDisk:
         info = json.loads(_qemu_img("info", "--output=json", path))

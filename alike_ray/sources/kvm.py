@@ -63,7 +63,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from . import nbd
-from .base import Disk, Snapshot, Source, SourceError, VMInfo
+from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 log = logging.getLogger("alike.kvm")
 
@@ -259,9 +259,6 @@ class KvmSnapshot(Snapshot):
                     old = [n for n, _ in self.source._checkpoints(dom) if n != self.checkpoint]
                     self.source._delete_checkpoints(dom, old)
 
-    def __exit__(self, exc_type, *exc):
-        self.release(failed=exc_type is not None)
-
 
 class KvmSource(Source):
     """`kvm:URI`: the VMs of libvirt connection URI. Picklable (the connection is reopened
@@ -301,7 +298,7 @@ class KvmSource(Source):
             try:
                 return conn.lookupByUUIDString(vm)
             except libvirt.libvirtError:
-                raise SourceError(f"no VM named {vm!r} at {self.uri}: see `alike inventory kvm:{self.uri}`") from None
+                raise VMNotFound(f"no VM named {vm!r} at {self.uri}: see `alike inventory kvm:{self.uri}`") from None
 
     def _info(self, dom) -> VMInfo:
         libvirt = _libvirt()

@@ -1,0 +1,117 @@
+"""The `image:` source binds the source contract: a raw image of an odd size with data up to
+its last byte, and a VM of two qcow2 disks (one plain, read in place; one compressed, converted
+to a temporary raw file that release removes). Also: listed sizes, and images cut short."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from alike_ray.sources.image import ImageSource
+from tests import images
+from tests.source_contract import Bound, SourceContract
+
+MiB = images.MiB
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("source-image")
+    lib = os.path.dirname(os.__file__)
+    t = images.tree(str(d / "tree"), 2 * MiB, [f"{lib}/json", f"{lib}/email"])
+    raw = images.ext4_image(str(d / "disk.raw"), 16, t, "web")
+    with open(raw, "r+b") as f:  # data in the last bytes too: reads at the end of the disk
+        f.seek(16 * MiB - 3000)
+        f.write(os.urandom(3000))
+    odd = str(d / "odd.raw")
+    subprocess.run(["cp", "--sparse=always", raw, odd], check=True)
+    with open(odd, "ab") as f:  # a size that is no multiple of a sector
+        f.write(os.urandom(1001))
+    plain = images.to_qcow2(raw, str(d / "plain.qcow2"))
+    packed = images.to_qcow2(raw, str(d / "packed.qcow2"), "-c")
+    return {"raw": raw, "odd": odd, "plain": plain, "packed": packed}
+
+
+def _file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Temporary files of this test's snapshots only (other runs on the machine make theirs)."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+class TestImageRaw(SourceContract):
+    @pytest.fixture
+    def bound(self, imgs, private_tmp):
+        return Bound(ImageSource(imgs["odd"], name="web"), "web", truth=lambda disk: _file(imgs["odd"]),
+                     residue=lambda: sorted(os.listdir(private_tmp)), power_state="n/a")
+
+
+class TestImageQcow2(SourceContract):
+    @pytest.fixture
+    def bound(self, imgs, private_tmp):
+        src = ImageSource(f"{imgs['plain']},{imgs['packed']}", name="db")
+        return Bound(src, "db", truth=lambda disk: _file(imgs["raw"]),
+                     residue=lambda: sorted(os.listdir(private_tmp)), power_state="n/a")
+
+    def test_compressed_is_converted_and_removed(self, bound, private_tmp):
+        with bound.source.snapshot("db") as snap:
+            assert [d.path for d in snap.disks][0].endswith("plain.qcow2")  # read in place
+            assert os.listdir(private_tmp)  # the compressed one: a temporary raw
+        assert not os.listdir(private_tmp)
+
+
+def test_listed_sizes(imgs):
+    """Every kind of image lists its disk's real size (raw: the file; qcow2: the virtual size)."""
+    src = ImageSource(",".join(imgs[k] for k in ("odd", "plain", "packed")))
+    [vm] = src.list_vms()
+    assert [s for _, s in vm.disks] == [16 * MiB + 1001, 16 * MiB, 16 * MiB]
+    assert vm.notes == []
+
+
+def test_inventory_json_sizes(imgs):
+    """`alike inventory image:... --json` reports the size of the disk, not 0."""
+    import json
+
+    p = subprocess.run([sys.executable, "-m", "alike_ray.cli", "inventory", f"image:{imgs['plain']}", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    [vm] = json.loads(p.stdout)["vms"]
+    assert vm["disks"] == [{"name": "plain.qcow2", "size": 16 * MiB}]
+
+
+def cut_short_image(path: str, label: str, claimed_mib: int = 32, kept_mib: int = 12) -> str:
+    """A raw image whose partition table (made by sfdisk) claims `claimed_mib` MiB, cut to `kept_mib`."""
+    with open(path, "wb") as f:
+        f.truncate(claimed_mib * MiB)
+    images.run("sfdisk", "--quiet", path, input=f"label: {label}\nstart=2048, type=linux\n")
+    with open(path, "r+b") as f:
+        f.truncate(kept_mib * MiB)
+    return path
+
+
+@pytest.mark.parametrize("label", ["dos", "gpt"])
+def test_cut_short_image_is_noted(tmp_path, label):
+    path = cut_short_image(str(tmp_path / "cut.raw"), label)
+    [vm] = ImageSource(path).list_vms()
+    assert vm.disks == [("cut.raw", 12 * MiB)]
+    [note] = vm.notes
+    assert f"image {path} looks cut short" in note and "partition 1 ends at" in note and "12.0 MiB" in note
+    with ImageSource(path).snapshot("cut") as snap:  # the version records it
+        assert snap.vm.notes == [note]
+
+
+@pytest.mark.parametrize("label", ["dos", "gpt"])
+def test_whole_images_are_not_noted(tmp_path, imgs, label):
+    whole = cut_short_image(str(tmp_path / "whole.raw"), label, 32, 32)
+    [vm] = ImageSource(f"{whole},{imgs['odd']},{imgs['plain']}").list_vms()
+    assert vm.notes == []
