@@ -28,7 +28,6 @@ import time
 
 from storage.errors import StoreError
 
-COMMANDS = {"backup": "cmd_backup", "job run": "cmd_job_run"}  # what a server runs; the rest runs locally
 START_TIMEOUT = 120
 
 
@@ -339,6 +338,7 @@ class Server:
         import argparse
 
         from . import cli
+        from .commands import server_command
 
         with self.lock:
             self.seq += 1
@@ -350,12 +350,13 @@ class Server:
                               "started, or without --server\n"})
             client.send({"exit": 2})
             return
-        if command not in COMMANDS:
+        fn = server_command(command)
+        if fn is None:
             client.send({"e": f"alike: error: the server does not run {command!r}: run it without --server\n"})
             client.send({"exit": 2})
             return
         args = argparse.Namespace(**req.get("args", {}))
-        args.fn = getattr(cli, COMMANDS[command])
+        args.fn = fn
         args.server = None
         args.address = None
         info = {"id": n, "command": command, "client_pid": req.get("pid"),

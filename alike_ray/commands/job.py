@@ -1,0 +1,226 @@
+"""`alike job preview|run|history`: backup jobs (alike_ray/jobs.py)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from storage.errors import StoreError
+
+from ..ui import EPILOG, _connect, _h, out
+
+
+def _job_store(args, job):
+    from storage.backend import store_spec
+    from storage.errors import InvalidValue
+
+    # alike_store_env: the $ALIKE_STORE of an `alike server` client (the server's own does not count)
+    url = args.store or job.store or getattr(args, "alike_store_env", None) or os.environ.get("ALIKE_STORE")
+    if not url:
+        raise InvalidValue(f"{job.path}: no store: put store = \"...\" in the job, pass --store or set ALIKE_STORE")
+    return store_spec(url, args.endpoint or job.endpoint, args.profile or job.profile)
+
+
+def cmd_job_preview(args) -> int:
+    from .. import jobs
+
+    job = jobs.load(args.file)
+    taken, missing = jobs.select(job)
+    rows = [{"vm": vm.name, "source": vm.id, "state": vm.power_state, "tags": vm.tags, "disks": len(vm.disks)}
+            for _, vm in taken]
+    if args.json:
+        out(json.dumps({"job": job.name, "vms": rows, "missing": missing}))
+    else:
+        out(f"job {job.name}: {len(rows)} VM(s) would be backed up now")
+        for r in rows:
+            out(f"  {r['vm']:<24} {r['state']:<10} {r['disks']} disk(s)  {', '.join(r['tags'])}")
+        for m, why in missing.items():
+            out(f"  {m:<24} UNAVAILABLE: {why}")
+    if not rows and not missing:
+        raise jobs.JobError(f"{job.path}: the selection matches no VM of its sources")
+    return 0
+
+
+def cmd_job_run(args) -> int:
+    from pipelines.backup import run_backup
+    from pipelines.cluster import local_node_id
+    from storage.store import Store
+
+    from .. import jobs
+
+    job = jobs.load(args.file, base=getattr(args, "cwd", None))
+    spec = _job_store(args, job)
+    store = Store.open(spec)
+    _connect(args)
+    node = local_node_id()
+    taken, missing = jobs.select(job, node)
+    if not taken and not missing:
+        raise jobs.JobError(f"{job.path}: the selection matches no VM of its sources")
+    run_id = jobs.new_run_id()
+    t0 = time.time()
+    record = {"job": job.name, "run_id": run_id, "file": os.path.abspath(job.path),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "status": "running", "vms": []}
+    jobs.record_run(store, job.name, run_id, record)
+    last = {}
+
+    def on_vm(vm, phase, done, total):
+        if last.get(vm) != phase:
+            last[vm] = phase
+            print(f"{vm}: {phase}", file=sys.stderr, flush=True)
+
+    results = run_backup(spec, [(src, vm.name) for src, vm in taken], parallel=job.parallel, full=job.full,
+                         node_id=node, on_vm=on_vm, cbt=job.cbt)
+    results += [{"vm": m, "error": why} for m, why in missing.items()]
+    if job.vault_to:
+        from pipelines.vault import run_vault
+        from storage.backend import store_spec
+
+        done = [r for r in results if "error" not in r]
+        if done:
+            dst = store_spec(job.vault_to, job.vault_endpoint or job.endpoint, job.vault_profile or job.profile)
+            try:
+                rep = run_vault(spec, dst, vms=[r["vm"] for r in done], versions=[r["version"] for r in done],
+                                node_id=node)
+                for r in done:
+                    r["vaulted"] = f"{r['vm']}@{r['version']}" not in rep["versions_skipped"]
+            except StoreError as e:
+                for r in done:
+                    r["vaulted"] = False
+                    r["vault_error"] = e.message
+    code = 0 if all("error" not in r for r in results) else 1
+    if job.validate or job.validate_all:  # the data not validated yet (the new data), or all of it
+        from pipelines.verify import run_verify
+
+        print("validate: verifying " + ("the store" if job.validate_all else "the new data"),
+              file=sys.stderr, flush=True)
+        try:
+            rep = run_verify(spec, on_progress=None, node_id=node, new_only=not job.validate_all)
+            record["validate"] = {"ok": rep["ok"], "versions": rep.get("versions"), "mode": rep.get("mode"),
+                                  "packs_checked": rep.get("packs_checked"),
+                                  "blocks_checked": rep.get("blocks_checked"), "problems": rep.get("problems", []),
+                                  "damaged": [f"{b['vm']}@{b['version']} disk {b['disk']}" for b in rep.get("broken", [])]}
+            code = code if rep["ok"] else 3  # damaged data outranks a failed backup (1)
+        except Exception as e:  # could not validate: the run fails, the backups stay
+            record["validate"] = {"ok": False, "error": getattr(e, "message", None) or f"{type(e).__name__}: {e}"}
+            code = max(code, 1)
+    if job.retention:
+        from .prune import prune_store
+
+        names = sorted({r["vm"] for r in results})  # the job's VMs, also those that failed this time
+        record["retention"] = {}
+        for where, policy in job.retention.items():
+            entry = record["retention"][where] = {"policy": policy.to_dict()}
+            if where == "onsite" and "error" not in record.get("validate", {}) and \
+                    not record.get("validate", {}).get("ok", True):
+                entry["skipped"] = "validation found damaged data: older versions may be the intact ones"
+            elif where == "offsite" and not job.vault_to:
+                entry["skipped"] = "the job has no vault_to store"
+            else:
+                try:
+                    if where == "onsite":
+                        target = store
+                    else:
+                        from storage.backend import store_spec
+
+                        target = Store.open(store_spec(job.vault_to, job.vault_endpoint or job.endpoint,
+                                                       job.vault_profile or job.profile))
+                    rep = prune_store(target, policy, names)
+                    entry.update(store=rep["store"], removed=rep["removed"], kept=rep["kept"])
+                except Exception as e:  # reported; the backups stay
+                    entry["error"] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                    code = max(code, 1)
+            print(f"retention {where}: " + jobs.retention_text(entry), file=sys.stderr, flush=True)
+    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "patched_blocks",
+            "cbt_notes", "seconds", "vaulted", "vault_error", "error")
+    record.update(status="ok" if code == 0 else "failed",
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  seconds=round(time.time() - t0, 3),
+                  vms=[{k: r[k] for k in keys if k in r} for r in results])
+    jobs.record_run(store, job.name, run_id, record)
+    for r in results:
+        if "error" in r:
+            print(f"alike: error: {r['vm']}: {r['error']}", file=sys.stderr)
+        for note in r.get("cbt_notes", []):
+            print(f"{r['vm']}: {note}", file=sys.stderr)
+    for where, entry in record.get("retention", {}).items():
+        if "error" in entry:
+            print(f"alike: error: {where} retention failed (the backups are kept): {entry['error']}", file=sys.stderr)
+    val = record.get("validate", {})
+    if "error" in val:
+        print(f"alike: error: validation could not run: {val['error']}", file=sys.stderr)
+    elif val and not val["ok"]:
+        print(f"alike: error: validation found damaged data: {', '.join(val['damaged'] + val['problems'])} "
+              "(run `alike verify`)", file=sys.stderr)
+    if args.json:
+        out(json.dumps(record))
+    else:
+        ok = sum("error" not in r for r in results)
+        out(f"job {job.name} run {run_id}: {ok} of {len(results)} VM(s) backed up in {record['seconds']:.1f}s")
+        for r in record["vms"]:
+            out(f"  {r['vm']:<20} " + (f"FAILED: {r['error']}" if "error" in r else
+                f"{r['version']}  read {_h(r['read_bytes'])}, {r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored"))
+        for line in jobs.run_notes(record):
+            out(f"  {line}")
+    return code
+
+
+def cmd_job_history(args) -> int:
+    from storage.store import Store
+
+    from .. import jobs
+    from ..config import store_url
+
+    store = Store.open(store_url(args))
+    runs = jobs.history(store, args.job)
+    if args.json:
+        out(json.dumps({"store": store.url, "runs": runs}))
+        return 0
+    if not runs:
+        out("no job runs recorded" + (f" for {args.job}" if args.job else ""))
+        return 0
+    out(f"{'JOB':<16} {'RUN':<20} {'STATUS':<8} {'VMS':>4} {'FAILED':>6} {'READ':>10} {'NEW':>6} {'STORED':>10} {'SECONDS':>8}")
+    for r in runs:
+        vms = r.get("vms", [])
+        out(f"{r['job']:<16} {r['run_id']:<20} {r.get('status', '?'):<8} {len(vms):>4} "
+            f"{sum('error' in v for v in vms):>6} {_h(sum(v.get('read_bytes', 0) for v in vms)):>10} "
+            f"{sum(v.get('new_blocks', 0) for v in vms):>6} {_h(sum(v.get('stored_bytes', 0) for v in vms)):>10} "
+            f"{r.get('seconds', 0):>8.1f}")
+        for v in vms:
+            if "error" in v:
+                out(f"    {v['vm']}: {v['error']}")
+            for note in v.get("cbt_notes", []):
+                out(f"    {v['vm']}: {note}")
+        for line in jobs.run_notes(r):
+            out(f"    {line}")
+    return 0
+
+
+def register(add, sub) -> None:
+    jp = sub.add_parser("job", help="backup jobs: preview, run, history", epilog=EPILOG,
+                        description="Backup jobs are TOML files (see alike_ray/jobs.py for every key).")
+    jsub = jp.add_subparsers(dest="job_command", metavar="JOBCOMMAND")
+
+    def jadd(name, fn, help_):
+        sp = jsub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = jadd("preview", cmd_job_preview, "show the VMs a run of the job would take now")
+    sp.add_argument("file", metavar="FILE")
+    sp = jadd("run", cmd_job_run, "run a job: back up its VMs, record the run on the store")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--store", help="store (default: the job's store, else $ALIKE_STORE)")
+    sp.add_argument("--endpoint", help="S3 endpoint of the store")
+    sp.add_argument("--profile", help="AWS profile of the store")
+    sp.add_argument("--address", help="Ray cluster to join")
+    sp.add_argument("--server", nargs="?", const=True, metavar="SOCKET",
+                    help="run the job in the long-lived `alike server` at SOCKET (default: $ALIKE_SERVER, else the "
+                         "server's default socket); setting $ALIKE_SERVER makes this the default")
+    sp = jadd("history", cmd_job_history, "past runs of jobs on a store, newest first")
+    sp.add_argument("--store", help="store (default: $ALIKE_STORE)")
+    sp.add_argument("--endpoint", help="S3 endpoint of the store")
+    sp.add_argument("--profile", help="AWS profile of the store")
+    sp.add_argument("--job", help="only this job")
+    jp.set_defaults(fn=lambda a: (jp.print_help(), 2)[1])
