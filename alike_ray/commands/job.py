@@ -1,25 +1,12 @@
-"""`alike job preview|run|history`: backup jobs (alike_ray/jobs.py)."""
+"""`alike job preview|run|history`: backup jobs. A run itself is alike_ray/jobs.py `run` (which
+`alike server` and a scheduler call too); this module parses, connects to Ray and prints."""
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
-
-from storage.errors import StoreError
 
 from ..ui import EPILOG, _connect, _h, out
-
-
-def _job_store(args, job):
-    from storage.backend import store_spec
-    from storage.errors import InvalidValue
-
-    # alike_store_env: the $ALIKE_STORE of an `alike server` client (the server's own does not count)
-    url = args.store or job.store or getattr(args, "alike_store_env", None) or os.environ.get("ALIKE_STORE")
-    if not url:
-        raise InvalidValue(f"{job.path}: no store: put store = \"...\" in the job, pass --store or set ALIKE_STORE")
-    return store_spec(url, args.endpoint or job.endpoint, args.profile or job.profile)
 
 
 def cmd_job_preview(args) -> int:
@@ -43,25 +30,17 @@ def cmd_job_preview(args) -> int:
 
 
 def cmd_job_run(args) -> int:
-    from pipelines.backup import run_backup
     from pipelines.cluster import local_node_id
     from storage.store import Store
 
     from .. import jobs
 
     job = jobs.load(args.file, base=getattr(args, "cwd", None))
-    spec = _job_store(args, job)
-    store = Store.open(spec)
+    # alike_store_env: the $ALIKE_STORE of an `alike server` client (the server's own does not count)
+    spec = jobs.store_for(job, args.store, args.endpoint, args.profile,
+                          getattr(args, "alike_store_env", None) or os.environ.get("ALIKE_STORE"))
+    Store.open(spec)  # a bad store is found before Ray starts
     _connect(args)
-    node = local_node_id()
-    taken, missing = jobs.select(job, node)
-    if not taken and not missing:
-        raise jobs.JobError(f"{job.path}: the selection matches no VM of its sources")
-    run_id = jobs.new_run_id()
-    t0 = time.time()
-    record = {"job": job.name, "run_id": run_id, "file": os.path.abspath(job.path),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "status": "running", "vms": []}
-    jobs.record_run(store, job.name, run_id, record)
     last = {}
 
     def on_vm(vm, phase, done, total):
@@ -69,75 +48,16 @@ def cmd_job_run(args) -> int:
             last[vm] = phase
             print(f"{vm}: {phase}", file=sys.stderr, flush=True)
 
-    results = run_backup(spec, [(src, vm.name) for src, vm in taken], parallel=job.parallel, full=job.full,
-                         node_id=node, on_vm=on_vm, cbt=job.cbt)
-    results += [{"vm": m, "error": why} for m, why in missing.items()]
-    if job.vault_to:
-        from pipelines.vault import run_vault
-        from storage.backend import store_spec
+    run = jobs.run(job, spec, node_id=local_node_id(), on_vm=on_vm,
+                   say=lambda text: print(text, file=sys.stderr, flush=True))
+    _print_run(args, job, run)
+    return run.code
 
-        done = [r for r in results if "error" not in r]
-        if done:
-            dst = store_spec(job.vault_to, job.vault_endpoint or job.endpoint, job.vault_profile or job.profile)
-            try:
-                rep = run_vault(spec, dst, vms=[r["vm"] for r in done], versions=[r["version"] for r in done],
-                                node_id=node)
-                for r in done:
-                    r["vaulted"] = f"{r['vm']}@{r['version']}" not in rep["versions_skipped"]
-            except StoreError as e:
-                for r in done:
-                    r["vaulted"] = False
-                    r["vault_error"] = e.message
-    code = 0 if all("error" not in r for r in results) else 1
-    if job.validate or job.validate_all:  # the data not validated yet (the new data), or all of it
-        from pipelines.verify import run_verify
 
-        print("validate: verifying " + ("the store" if job.validate_all else "the new data"),
-              file=sys.stderr, flush=True)
-        try:
-            rep = run_verify(spec, on_progress=None, node_id=node, new_only=not job.validate_all)
-            record["validate"] = {"ok": rep["ok"], "versions": rep.get("versions"), "mode": rep.get("mode"),
-                                  "packs_checked": rep.get("packs_checked"),
-                                  "blocks_checked": rep.get("blocks_checked"), "problems": rep.get("problems", []),
-                                  "damaged": [f"{b['vm']}@{b['version']} disk {b['disk']}" for b in rep.get("broken", [])]}
-            code = code if rep["ok"] else 3  # damaged data outranks a failed backup (1)
-        except Exception as e:  # could not validate: the run fails, the backups stay
-            record["validate"] = {"ok": False, "error": getattr(e, "message", None) or f"{type(e).__name__}: {e}"}
-            code = max(code, 1)
-    if job.retention:
-        from .prune import prune_store
+def _print_run(args, job, run) -> None:
+    from .. import jobs
 
-        names = sorted({r["vm"] for r in results})  # the job's VMs, also those that failed this time
-        record["retention"] = {}
-        for where, policy in job.retention.items():
-            entry = record["retention"][where] = {"policy": policy.to_dict()}
-            if where == "onsite" and "error" not in record.get("validate", {}) and \
-                    not record.get("validate", {}).get("ok", True):
-                entry["skipped"] = "validation found damaged data: older versions may be the intact ones"
-            elif where == "offsite" and not job.vault_to:
-                entry["skipped"] = "the job has no vault_to store"
-            else:
-                try:
-                    if where == "onsite":
-                        target = store
-                    else:
-                        from storage.backend import store_spec
-
-                        target = Store.open(store_spec(job.vault_to, job.vault_endpoint or job.endpoint,
-                                                       job.vault_profile or job.profile))
-                    rep = prune_store(target, policy, names)
-                    entry.update(store=rep["store"], removed=rep["removed"], kept=rep["kept"])
-                except Exception as e:  # reported; the backups stay
-                    entry["error"] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                    code = max(code, 1)
-            print(f"retention {where}: " + jobs.retention_text(entry), file=sys.stderr, flush=True)
-    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "patched_blocks",
-            "cbt_notes", "seconds", "vaulted", "vault_error", "error")
-    record.update(status="ok" if code == 0 else "failed",
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  seconds=round(time.time() - t0, 3),
-                  vms=[{k: r[k] for k in keys if k in r} for r in results])
-    jobs.record_run(store, job.name, run_id, record)
+    record, results = run.record, run.results
     for r in results:
         if "error" in r:
             print(f"alike: error: {r['vm']}: {r['error']}", file=sys.stderr)
@@ -156,13 +76,12 @@ def cmd_job_run(args) -> int:
         out(json.dumps(record))
     else:
         ok = sum("error" not in r for r in results)
-        out(f"job {job.name} run {run_id}: {ok} of {len(results)} VM(s) backed up in {record['seconds']:.1f}s")
+        out(f"job {job.name} run {record['run_id']}: {ok} of {len(results)} VM(s) backed up in {record['seconds']:.1f}s")
         for r in record["vms"]:
             out(f"  {r['vm']:<20} " + (f"FAILED: {r['error']}" if "error" in r else
                 f"{r['version']}  read {_h(r['read_bytes'])}, {r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored"))
         for line in jobs.run_notes(record):
             out(f"  {line}")
-    return code
 
 
 def cmd_job_history(args) -> int:
