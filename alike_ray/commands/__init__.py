@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
+from typing import Callable
 
 
 # the order of `alike --help`: these first, then the others by name
@@ -18,19 +20,28 @@ FIRST = ("init", "backup", "vault", "versions", "restore", "verify", "stats", "m
 
 
 def register_all(add, sub) -> None:
-    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-    for name in sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
+    for name in sorted(_modules(), key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
         importlib.import_module(f"{__name__}.{name}").register(add, sub)
 
 
-# commands `alike server` runs for its clients (the rest run in the client's process):
-# the command as the client typed it -> (module here, handler)
-SERVED = {"backup": ("backup", "cmd_backup"), "job run": ("job", "cmd_job_run")}
+@dataclass(frozen=True)
+class Served:
+    """A command `alike server` runs for its clients (the others run in the client's process).
+    A module declares its own in SERVED = {"command as typed": Served(...)}."""
+    fn: Callable  # the handler, run in the server with the client's parsed arguments
+    # in the client, before sending: make the arguments mean the same in the server, which has
+    # another working folder and environment (relative paths, $ALIKE_STORE)
+    client_args: Callable[[dict], None]
 
 
-def server_command(command: str):
-    """The handler `alike server` runs for `command`, else None (not one the server runs)."""
-    if command not in SERVED:
-        return None
-    module, fn = SERVED[command]
-    return getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+def _modules() -> list[str]:
+    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+
+
+def server_command(command: str) -> Served | None:
+    """What `alike server` runs for `command` ("backup", "job run"), else None."""
+    for name in _modules():
+        found = getattr(importlib.import_module(f"{__name__}.{name}"), "SERVED", {}).get(command)
+        if found is not None:
+            return found
+    return None

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 from storage.errors import StoreError
 
+from . import Served
 from ..ui import Progress, _connect, _h, out
 
 
@@ -108,3 +110,15 @@ def register(add, sub) -> None:
     sp.add_argument("--vault-to", metavar="STORE", help="after the backup, vault the new versions to this store")
     sp.add_argument("--to-endpoint", help="S3 endpoint of the --vault-to store (default: --endpoint)")
     sp.add_argument("--to-profile", help="AWS profile of the --vault-to store (default: --profile)")
+
+
+def _client_args(d: dict) -> None:
+    from ..config import absolute_store
+    from ..sources import absolute_source
+
+    d["store"] = absolute_store(d.get("store") or os.environ.get("ALIKE_STORE"))
+    d["sources"] = [absolute_source(s) for s in d.get("sources") or []]
+    d["vault_to"] = absolute_store(d.get("vault_to"))
+
+
+SERVED = {"backup": Served(cmd_backup, _client_args)}

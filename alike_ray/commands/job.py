@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from . import Served
 from ..ui import EPILOG, _connect, _h, out
 
 
@@ -143,3 +144,16 @@ def register(add, sub) -> None:
     sp.add_argument("--profile", help="AWS profile of the store")
     sp.add_argument("--job", help="only this job")
     jp.set_defaults(fn=lambda a: (jp.print_help(), 2)[1])
+
+
+def _client_args(d: dict) -> None:
+    from ..config import absolute_store
+
+    d["store"] = absolute_store(d.get("store"))
+    d["file"] = os.path.abspath(d["file"])
+    d["cwd"] = os.getcwd()  # relative paths in the job file are the client's
+    if not d["store"] and os.environ.get("ALIKE_STORE"):  # the job's own store comes first
+        d["alike_store_env"] = absolute_store(os.environ["ALIKE_STORE"])
+
+
+SERVED = {"job run": Served(cmd_job_run, _client_args)}
