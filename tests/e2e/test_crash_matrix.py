@@ -15,6 +15,7 @@ import pytest
 
 from storage.store import Store
 from tests import images
+from tests.matrix import cases
 from tests.conftest import CLI
 
 SMALL = {"ALIKE_PACK_TARGET": str(1 << 20)}
@@ -89,7 +90,11 @@ BACKUP_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("point,who,completes", BACKUP_POINTS, ids=[p[0] for p in BACKUP_POINTS])
+CI_BACKUP = {"backup-locked", "index-loaded", "after-snapshot", "after-pack:2", "before-segments", "manifest",
+             "before-commit", "after-version", "read-task:1"}
+
+
+@pytest.mark.parametrize("point,who,completes", cases(BACKUP_POINTS, CI_BACKUP))
 def test_backup_killed(alike, base, tmp_path, point, who, completes):
     store = tmp_path / "ads"
     shutil.copytree(base["store"], store)
@@ -156,13 +161,18 @@ def _is_store(spec) -> bool:
         return False
 
 
-@pytest.mark.parametrize("point,who", VAULT_POINTS, ids=[p[0] for p in VAULT_POINTS])
+CI_VAULT = {"vault-planned", "vault-pack:2", "vault-segments:1", "vault-manifest:1", "vault-committed:2",
+            "restart:vault-commit:2"}
+CI_S3_VAULT = {"vault-pack:2", "vault-manifest:1"}
+
+
+@pytest.mark.parametrize("point,who", cases(VAULT_POINTS, CI_VAULT))
 def test_vault_killed(alike, base, tmp_path, point, who):
     ods = tmp_path / "ods"
     _vault_case(alike, base, tmp_path, point, ods, [], str(ods))
 
 
-@pytest.mark.parametrize("point,who", S3_VAULT_POINTS, ids=[p[0] for p in S3_VAULT_POINTS])
+@pytest.mark.parametrize("point,who", cases(S3_VAULT_POINTS, CI_S3_VAULT))
 def test_vault_to_s3_killed(alike, base, tmp_path, s3_bucket, point, who):
     endpoint, bucket = s3_bucket
     url = f"s3://{bucket}/ods"

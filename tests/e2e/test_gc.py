@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from tests.matrix import cases
+
 from storage.locks import store_lock
 from storage.store import Store
 from tests import images
@@ -199,9 +201,14 @@ GC_POINTS = (["gc-after-mark", "gc-after-plan", "gc-repack-pack", "gc-after-repa
                 "gc-delete-pack:1", "gc-delete-pack:2", "gc-delete-pack:3"])
 
 
-@pytest.mark.parametrize("point", GC_POINTS + [f"{p}#resume" for p in ("gc-after-record", "gc-index-shard:4",
-                                                                       "gc-delete-pack:2", "gc-after-wait",
-                                                                       "gc-after-rescue")])
+GC_RESUMED = [f"{p}#resume" for p in ("gc-after-record", "gc-index-shard:4", "gc-delete-pack:2", "gc-after-wait",
+                                       "gc-after-rescue")]
+CI_GC = {"gc-after-mark", "gc-repack-pack", "gc-after-record", "gc-index-shard:4", "gc-after-index",
+         "gc-after-condemn", "gc-after-wait", "gc-after-rescue", "gc-delete-pack:2", "gc-after-record#resume",
+         "gc-delete-pack:2#resume"}
+
+
+@pytest.mark.parametrize("point", cases(GC_POINTS + GC_RESUMED, CI_GC))
 def test_gc_killed_anywhere(alike, prepared, tmp_path, ray_address, point):
     """kill -9 of gc at a point (the `#resume` cases: then killed again at the same point of
     the next gc's finishing of the first one); the store stays whole and the next gc finishes."""

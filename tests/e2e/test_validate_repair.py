@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests import images
+from tests.matrix import cases
 
 RESULTS: dict[str, dict] = {}  # case -> {"injected", "found", "repaired"} (printed at the end)
 
@@ -274,7 +275,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("damaged,other,kind", CASES, ids=[f"{a}-{k}" for a, _, k in CASES])
+CI_CASES = {"ads-pack:flip-block", "ads-pack:flip-footer", "ads-pack:truncate", "ads-pack:delete", "ads-segment:flip",
+            "ads-segment:delete", "ads-manifest:flip", "ads-manifest:delete", "ads-version:truncate",
+            "ods_s3-pack:flip-block", "ods_s3-manifest:delete"}
+
+
+@pytest.mark.parametrize("damaged,other,kind", cases(CASES, CI_CASES, ids=[f"{a}-{k}" for a, _, k in CASES]))
 def test_corruption_found_refused_repaired(base, tmp_path, damaged, other, kind):
     name = f"{damaged}-{kind}".replace(":", "-")
     store = _copy_store(base, damaged, tmp_path, name)
