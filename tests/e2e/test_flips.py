@@ -111,8 +111,11 @@ def flipstore(ray_address, tmp_path_factory):
 
 
 def positions(size: int, n: int, seed: int) -> list[tuple[int, int]]:
-    """(byte, bit) pairs: every byte when n >= size, else one drawn in each of n equal strata."""
+    """(byte, bit) pairs: every bit when n >= 8 * size, every byte (one bit drawn) when n >= size,
+    else one drawn in each of n equal strata."""
     rng = np.random.default_rng(seed)
+    if n >= 8 * size:
+        return [(i, bit) for i in range(size) for bit in range(8)]
     if n >= size:
         return [(i, int(rng.integers(8))) for i in range(size)]
     edges = np.linspace(0, size, n + 1).astype(int)
