@@ -17,7 +17,8 @@ def connect(address: str | None = None, env: dict | None = None, terminal: bool 
     instance. Ray's own output (its C++ log lines, its Python logging, workers' prints) stays
     off our stdout and stderr unless ALIKE_DEBUG is set: while Ray starts or joins always (a
     join that fails is one ClusterError), and for the rest of the process too when `terminal`
-    (a command on a user's terminal, not a server with a log of its own)."""
+    (the alike command and server, which then find sys.stdout and sys.stderr replaced by
+    streams that write where the old ones did; not pytest, whose capture moves descriptors)."""
     import ray
 
     if ray.is_initialized():
