@@ -246,6 +246,6 @@ def test_server_joins_head(token_head, disk, tmp_path):
         assert out["read_nodes"] == [token_head.node_id()] and out["new_blocks"] > 0
     finally:
         alike("server", "stop", "--socket", sock, env=token_head.env, check=False)
-    with open(str(sock)[:-len(".sock")] + ".log") as f:
+    with open(st["log"]) as f:
         log = f.read()
     assert not [ln for ln in log.splitlines() if RAY_LINE.search(ln)], log
