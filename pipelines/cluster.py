@@ -102,8 +102,11 @@ def _match_auth_mode(address: str) -> None:
             GcsClient(address=gcs)
         except AuthenticationError:
             return True
-        except Exception:  # not a Ray cluster, or unwell: ray.init says what, below
-            return False
+        except Exception as e:  # a port that is not a Ray head's (GCS), or one that does not answer:
+            # Ray's own join would try it again and again, 40 s each time
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ClusterError(f"cannot join the Ray cluster at {where}: {first} (is it the port `ray start "
+                               "--head --port` gave? ALIKE_DEBUG=1 shows Ray's own messages)") from None
         return False
 
     if not refused("disabled"):
