@@ -237,7 +237,8 @@ class Server:
         self._claim_socket()
         env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG", "ALIKE_PACK_TARGET")
                if k in os.environ}
-        connect(self.address, env or None)
+        connect(self.address, env or None, terminal=True)  # Ray's own lines: in its session logs
+        self.err = sys.stderr  # (connect gave Python a stream of its own to our log or terminal)
         self.pool = WarmPool()
         install(self.pool)
         t0 = time.monotonic()

@@ -17,7 +17,8 @@ def connect(address: str | None = None, env: dict | None = None, terminal: bool 
     instance. Ray's own output (its C++ log lines, its Python logging, workers' prints) stays
     off our stdout and stderr unless ALIKE_DEBUG is set: while Ray starts or joins always (a
     join that fails is one ClusterError), and for the rest of the process too when `terminal`
-    (a command on a user's terminal, not a server with a log of its own)."""
+    (the alike command and server, which then find sys.stdout and sys.stderr replaced by
+    streams that write where the old ones did; not pytest, whose capture moves descriptors)."""
     import ray
 
     if ray.is_initialized():
@@ -101,8 +102,11 @@ def _match_auth_mode(address: str) -> None:
             GcsClient(address=gcs)
         except AuthenticationError:
             return True
-        except Exception:  # not a Ray cluster, or unwell: ray.init says what, below
-            return False
+        except Exception as e:  # a port that is not a Ray head's (GCS), or one that does not answer:
+            # Ray's own join would try it again and again, 40 s each time
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ClusterError(f"cannot join the Ray cluster at {where}: {first} (is it the port `ray start "
+                               "--head --port` gave? ALIKE_DEBUG=1 shows Ray's own messages)") from None
         return False
 
     if not refused("disabled"):

@@ -232,3 +232,20 @@ def test_refused_token_one_error_line(token_head, disk, tmp_path, token):
     assert "token" in line and token_head.address in line
     assert ("refused this host's" if token == "wrong" else "this host has no token") in line
     assert token_head.drivers() == before
+
+
+def test_server_joins_head(token_head, disk, tmp_path):
+    """`alike server start --address` joins the same way; a command sent to it runs on the head."""
+    store, sock = tmp_path / "ads", tmp_path / "srv.sock"
+    alike("init", "--store", store, env=token_head.env)
+    st = run_json("server", "start", "--socket", sock, "--address", token_head.address, env=token_head.env)
+    try:
+        assert st["ray_address"].endswith(token_head.address.rsplit(":", 1)[1])
+        out = run_json("backup", "--server", sock, "--store", store, f"image:{disk['day1']}", "--name", "vm",
+                       env=token_head.env)
+        assert out["read_nodes"] == [token_head.node_id()] and out["new_blocks"] > 0
+    finally:
+        alike("server", "stop", "--socket", sock, env=token_head.env, check=False)
+    with open(st["log"]) as f:
+        log = f.read()
+    assert not [ln for ln in log.splitlines() if RAY_LINE.search(ln)], log
