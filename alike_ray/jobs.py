@@ -37,14 +37,19 @@ the run. A failed prune is recorded and makes the run fail; it never undoes the 
 
 A VM is taken when it matches any of vms, keyword or tags, and is not excluded. Runs are
 recorded under jobs/<name>/runs/<run id>.json on the job's store.
+
+`run(job, spec)` is a whole run (what `alike job run`, `alike server` and a scheduler call);
+`load`, `select` and `store_for` are its parts that need no Ray.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import time
 import tomllib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from storage.errors import StoreError
 from storage.store import VM_NAME
@@ -175,7 +180,7 @@ def load(path: str, base: str | None = None) -> Job:
 
 def _retention(path: str, table: dict) -> dict:
     """[retention] -> {"onsite"/"offsite": Policy} for the policies that keep something."""
-    from .retention import KEYS, Policy
+    from pipelines.retention import KEYS, Policy
 
     out = {}
     for where, value in table.items():
@@ -238,6 +243,148 @@ def select(job: Job, node_id: str | None = None):
     if dup:
         raise JobError(f"{job.path}: two sources have a VM named {sorted(dup)[0]!r}: name them apart")
     return taken, problems
+
+
+def store_for(job: Job, store: str | None = None, endpoint: str | None = None, profile: str | None = None,
+              env_store: str | None = None):
+    """The store spec a run of `job` writes to: `store` (--store) first, then the job's own
+    store, then `env_store` (the caller's $ALIKE_STORE)."""
+    from storage.backend import store_spec
+    from storage.errors import InvalidValue
+
+    url = store or job.store or env_store
+    if not url:
+        raise InvalidValue(f"{job.path}: no store: put store = \"...\" in the job, pass --store or set ALIKE_STORE")
+    return store_spec(url, endpoint or job.endpoint, profile or job.profile)
+
+
+@dataclass
+class JobRun:
+    """The outcome of one run: `record` is what is stored under jobs/<name>/runs/ (and printed with
+    --json); `results` the backup results of each VM (run_backup's, plus those that could not be
+    taken); `code` the exit code (0 ok, 1 a VM, the vault or retention failed, 3 damaged data)."""
+    record: dict
+    results: list[dict]
+    code: int
+
+
+RECORD_KEYS = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "patched_blocks",
+               "cbt_notes", "seconds", "vaulted", "vault_error", "error")
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+def run(job: Job, spec, node_id: str | None = None, on_vm=None, say: Callable[[str], None] = _quiet) -> JobRun:
+    """Run `job` once into the store `spec`: select its VMs, back them up, vault the new versions
+    (vault_to), validate (validate, validate_all), apply retention, and record the run on the
+    store (as "running" first, then with its outcome). Ray must be connected. on_vm(vm, phase,
+    done, total): backup progress; say(text): a line of progress for a person or a log."""
+    from storage.store import Store
+
+    store = Store.open(spec)
+    taken, missing = select(job, node_id)
+    if not taken and not missing:
+        raise JobError(f"{job.path}: the selection matches no VM of its sources")
+    run_id = new_run_id()
+    t0 = time.time()
+    record = {"job": job.name, "run_id": run_id, "file": os.path.abspath(job.path),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "status": "running", "vms": []}
+    record_run(store, job.name, run_id, record)
+    results = _backup(job, spec, taken, missing, node_id, on_vm)
+    if job.vault_to:
+        _vault(job, spec, results, node_id)
+    code = 0 if all("error" not in r for r in results) else 1
+    if job.validate or job.validate_all:
+        code = _validate(job, spec, record, node_id, say, code)
+    if job.retention:
+        code = _apply_retention(job, store, results, record, say, code)
+    record.update(status="ok" if code == 0 else "failed",
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  seconds=round(time.time() - t0, 3),
+                  vms=[{k: r[k] for k in RECORD_KEYS if k in r} for r in results])
+    record_run(store, job.name, run_id, record)
+    return JobRun(record=record, results=results, code=code)
+
+
+def _backup(job: Job, spec, taken, missing: dict, node_id, on_vm) -> list[dict]:
+    """Back up the VMs taken; those that could not be taken are failed results of their own."""
+    from pipelines.backup import run_backup
+
+    results = run_backup(spec, [(src, vm.name) for src, vm in taken], parallel=job.parallel, full=job.full,
+                         node_id=node_id, on_vm=on_vm, cbt=job.cbt)
+    return results + [{"vm": m, "error": why} for m, why in missing.items()]
+
+
+def _vault(job: Job, spec, results: list[dict], node_id) -> None:
+    """Vault the versions just made to job.vault_to; marks each result "vaulted" (and
+    "vault_error" when the vault failed: the backups stay)."""
+    from pipelines.vault import run_vault
+    from storage.backend import store_spec
+
+    done = [r for r in results if "error" not in r]
+    if not done:
+        return
+    dst = store_spec(job.vault_to, job.vault_endpoint or job.endpoint, job.vault_profile or job.profile)
+    try:
+        rep = run_vault(spec, dst, vms=[r["vm"] for r in done], versions=[r["version"] for r in done],
+                        node_id=node_id)
+        for r in done:
+            r["vaulted"] = f"{r['vm']}@{r['version']}" not in rep["versions_skipped"]
+    except StoreError as e:
+        for r in done:
+            r["vaulted"] = False
+            r["vault_error"] = e.message
+
+
+def _validate(job: Job, spec, record: dict, node_id, say, code: int) -> int:
+    """Verify the data not validated yet (the new data), or all of it; -> the run's exit code."""
+    from pipelines.verify import run_verify
+
+    say("validate: verifying " + ("the store" if job.validate_all else "the new data"))
+    try:
+        rep = run_verify(spec, on_progress=None, node_id=node_id, new_only=not job.validate_all)
+        record["validate"] = {"ok": rep["ok"], "versions": rep.get("versions"), "mode": rep.get("mode"),
+                              "packs_checked": rep.get("packs_checked"),
+                              "blocks_checked": rep.get("blocks_checked"), "problems": rep.get("problems", []),
+                              "damaged": [f"{b['vm']}@{b['version']} disk {b['disk']}" for b in rep.get("broken", [])]}
+        return code if rep["ok"] else 3  # damaged data outranks a failed backup (1)
+    except Exception as e:  # could not validate: the run fails, the backups stay
+        record["validate"] = {"ok": False, "error": getattr(e, "message", None) or f"{type(e).__name__}: {e}"}
+        return max(code, 1)
+
+
+def _apply_retention(job: Job, store, results: list[dict], record: dict, say, code: int) -> int:
+    """Prune the job's VMs (also those that failed this time) onsite and offsite as the job
+    says; a failed prune is recorded and fails the run, never undoes the backups. -> exit code."""
+    from pipelines.prune import prune_store
+    from storage.backend import store_spec
+    from storage.store import Store
+
+    names = sorted({r["vm"] for r in results})
+    record["retention"] = {}
+    for where, policy in job.retention.items():
+        entry = record["retention"][where] = {"policy": policy.to_dict()}
+        if where == "onsite" and "error" not in record.get("validate", {}) and \
+                not record.get("validate", {}).get("ok", True):
+            entry["skipped"] = "validation found damaged data: older versions may be the intact ones"
+        elif where == "offsite" and not job.vault_to:
+            entry["skipped"] = "the job has no vault_to store"
+        else:
+            try:
+                if where == "onsite":
+                    target = store
+                else:
+                    target = Store.open(store_spec(job.vault_to, job.vault_endpoint or job.endpoint,
+                                                   job.vault_profile or job.profile))
+                rep = prune_store(target, policy, names)
+                entry.update(store=rep["store"], removed=rep["removed"], kept=rep["kept"])
+            except Exception as e:  # reported; the backups stay
+                entry["error"] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                code = max(code, 1)
+        say(f"retention {where}: " + retention_text(entry))
+    return code
 
 
 def new_run_id() -> str:

@@ -12,8 +12,9 @@ the client sends one JSON line, the server answers with JSON lines.
       -> {"o": text} (stdout), {"e": text} (stderr) ... then {"exit": code}
   {"op": "status"} -> {"status": {...}}
   {"op": "stop"}   -> {"ok": true}; the server stops once running commands end
-The command runs in the server exactly as `alike backup` runs locally (same function, same
-messages, same exit codes); its output is routed to the client by thread, so several clients
+The commands it runs are those whose module in alike_ray/commands/ declares them in SERVED
+(`backup`, `job run`). A command runs in the server exactly as it runs locally (same function,
+same messages, same exit codes); its output is routed to the client by thread, so several clients
 may run backups at once. If the client goes away, the backup still ends (commits or fails
 cleanly) and its result is written to the server's log: nothing is left half-done.
 """
@@ -28,7 +29,6 @@ import time
 
 from storage.errors import StoreError
 
-COMMANDS = {"backup": "cmd_backup", "job run": "cmd_job_run"}  # what a server runs; the rest runs locally
 START_TIMEOUT = 120
 
 
@@ -113,21 +113,14 @@ def run_remote(args, command: str) -> int:
     if getattr(args, "address", None):
         raise ServerError("--address does not go with --server: the server joined its Ray cluster when it "
                           "started (alike server start --address ...)")
+    from .commands import server_command
+
+    served = server_command(command)
+    if served is None:
+        raise ServerError(f"the alike server does not run {command!r}: run it without --server")
     d = {k: v for k, v in vars(args).items() if k not in ("fn", "server") and
          isinstance(v, (str, int, float, bool, list, type(None)))}
-    from .config import absolute_store
-    from .sources import absolute_source
-
-    # paths are the client's: the server has another working folder
-    d["store"] = absolute_store(d.get("store") or (os.environ.get("ALIKE_STORE") if command == "backup" else None))
-    if command == "backup":
-        d["sources"] = [absolute_source(s) for s in d.get("sources") or []]
-        d["vault_to"] = absolute_store(d.get("vault_to"))
-    if command == "job run":
-        d["file"] = os.path.abspath(d["file"])
-        d["cwd"] = os.getcwd()  # relative paths in the job file are the client's
-        if not d["store"] and os.environ.get("ALIKE_STORE"):  # the job's own store comes first
-            d["alike_store_env"] = absolute_store(os.environ["ALIKE_STORE"])
+    served.client_args(d)  # paths are the client's: the server has another working folder
     req = {"op": "run", "command": command, "args": d, "tty": sys.stderr.isatty(), "pid": os.getpid()}
     code = None
     try:
@@ -339,6 +332,7 @@ class Server:
         import argparse
 
         from . import cli
+        from .commands import server_command
 
         with self.lock:
             self.seq += 1
@@ -350,12 +344,13 @@ class Server:
                               "started, or without --server\n"})
             client.send({"exit": 2})
             return
-        if command not in COMMANDS:
+        entry = server_command(command)
+        if entry is None:
             client.send({"e": f"alike: error: the server does not run {command!r}: run it without --server\n"})
             client.send({"exit": 2})
             return
         args = argparse.Namespace(**req.get("args", {}))
-        args.fn = getattr(cli, COMMANDS[command])
+        args.fn = entry.fn
         args.server = None
         args.address = None
         info = {"id": n, "command": command, "client_pid": req.get("pid"),
@@ -400,6 +395,10 @@ def start(sock: str, address: str | None, timeout: float = START_TIMEOUT) -> dic
     import subprocess
 
     _refuse_if_running(sock)
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipelines.cluster import _check_reachable
+
+        _check_reachable(address or os.environ["RAY_ADDRESS"])  # at once, not after the server gave up
     os.makedirs(os.path.dirname(sock) or ".", mode=0o700, exist_ok=True)
     logp = log_path(sock)
     cmd = [sys.executable, "-m", "alike_ray.server", "--socket", sock] + (["--address", address] if address else [])
@@ -408,6 +407,10 @@ def start(sock: str, address: str | None, timeout: float = START_TIMEOUT) -> dic
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if p.poll() is not None:
+            said = _tail(logp, 1)
+            if said.startswith("alike: error: "):  # its own one-line reason (a cluster it cannot join...)
+                raise ServerError(f"the alike server did not start: {said[len('alike: error: '):]}",
+                                  exit_code=p.returncode)
             raise ServerError(f"the alike server did not start (exit {p.returncode}): {_tail(logp)}")
         if os.path.exists(sock):
             try:
@@ -456,7 +459,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         return Server(a.socket, a.address).serve()
-    except ServerError as e:
+    except StoreError as e:  # ServerError, ClusterError (a cluster it cannot join)
         print(f"alike: error: {e.message}", file=sys.stderr)
         return e.exit_code
 

@@ -82,4 +82,4 @@ def _connect(args) -> None:
     from pipelines.cluster import connect
 
     env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG", "ALIKE_PACK_TARGET") if k in os.environ}
-    connect(args.address, env or None)
+    connect(args.address, env or None, terminal=True)  # Ray's own lines kept off the user's terminal

@@ -2,14 +2,22 @@
 instance sized to this machine. The same pipelines run on both."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 
 from storage.errors import StoreError
 
 
-def connect(address: str | None = None, env: dict | None = None) -> None:
+def connect(address: str | None = None, env: dict | None = None, terminal: bool = False) -> None:
+    """Join the cluster at `address` (HOST:PORT, `auto`, or $RAY_ADDRESS), else start a local
+    instance. Ray's own output (its C++ log lines, its Python logging, workers' prints) stays
+    off our stdout and stderr unless ALIKE_DEBUG is set: while Ray starts or joins always (a
+    join that fails is one ClusterError), and for the rest of the process too when `terminal`
+    (a command on a user's terminal, not a server with a log of its own)."""
     import ray
 
     if ray.is_initialized():
@@ -17,31 +25,182 @@ def connect(address: str | None = None, env: dict | None = None) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    debug = bool(os.environ.get("ALIKE_DEBUG"))
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # workers' and raylets' log lines would land on our stdout (and break --json): keep them
-    # in Ray's session logs unless ALIKE_DEBUG asks for them
-    kwargs = dict(logging_level=logging.ERROR, log_to_driver=bool(os.environ.get("ALIKE_DEBUG")),
+    # workers' and raylets' log lines would land on our stdout (and break --json); Ray's Python
+    # logging would print its own account of errors we report ourselves
+    kwargs = dict(logging_level=logging.INFO if debug else logging.CRITICAL + 1, log_to_driver=debug,
                   configure_logging=True)
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
+    output = _RayOutput(enabled=not debug)
     if address:
         _check_reachable(address)
-        # clusters made by `ray start` (Ray >= 2.5x) require its token, kept in ~/.ray/auth_token;
-        # token mode also joins clusters without authentication
-        if not os.environ.get("RAY_AUTH_MODE") and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-            os.environ["RAY_AUTH_MODE"] = "token"
+        output.divert()
         try:
+            _match_auth_mode(address)
             ray.init(address=address, **kwargs)
-        except ConnectionError as e:
-            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]} "
-                               "(if it uses token authentication, set RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+        except ClusterError:
+            output.restore()
+            raise
+        except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError...: not joined
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            said = output.text()
+            output.restore()
+            raise ClusterError(_join_failure(address, e, said)) from None
     else:
-        # "local": always a new instance of our own, even if `ray start` left one on this host
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        output.divert()
+        try:
+            # "local": always a new instance of our own, even if `ray start` left one on this host
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        except BaseException:
+            output.restore()
+            raise
+    if terminal:
+        output.keep()
+    else:
+        output.restore()
 
 
 class ClusterError(StoreError):
     """{detail}"""
+
+
+def _match_auth_mode(address: str) -> None:
+    """Speak the cluster's authentication: send Ray's token to a cluster that requires one, and
+    none to a cluster without authentication (its workers would call back without a token, and
+    a driver in token mode refuses them: the backup's actors die).
+
+    A cluster made by `ray start --head` (Ray >= 2.5x) requires the token of its head whenever
+    the head had one (in ~/.ray/auth_token, which every local `ray.init` creates), and Ray itself
+    turns token mode on only for `auto`, never for an explicit address. Which mode a cluster uses
+    shows at once: a GCS client without a token is refused with AuthenticationError. Ray reads
+    RAY_AUTH_MODE into its config when it is imported (every command module imports ray long
+    before this), so the config is read again after setting it, as Ray's own `ray start` does."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+        from ray._private.services import canonicalize_bootstrap_address
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray without token authentication: nothing to match
+        return
+    if address.startswith("ray://"):
+        return
+    try:
+        gcs = canonicalize_bootstrap_address(address)  # `auto` -> the cluster `ray start` made here
+    except ConnectionError as e:
+        raise ClusterError(_join_failure(address, e, "")) from None
+    if not gcs:
+        return
+    where = gcs if gcs == address else f"{gcs} ({address})"
+
+    def refused(mode: str) -> bool:
+        os.environ["RAY_AUTH_MODE"] = mode
+        Config.initialize("")
+        try:
+            GcsClient(address=gcs)
+        except AuthenticationError:
+            return True
+        except Exception:  # not a Ray cluster, or unwell: ray.init says what, below
+            return False
+        return False
+
+    if not refused("disabled"):
+        return
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise ClusterError(
+            f"the Ray cluster at {where} requires token authentication and this host has no token: "
+            "copy the head's token (`ray get-auth-token` on the head) into ~/.ray/auth_token, "
+            "or set RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+    if refused("token"):
+        raise ClusterError(
+            f"the Ray cluster at {where} refused this host's authentication token: use the head's "
+            "token (`ray get-auth-token` on the head) in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+            "or RAY_AUTH_TOKEN")
+
+
+def _join_failure(address: str, e: Exception, ray_said: str) -> str:
+    """One sentence for a failed join: what went wrong, and what to do about it."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "Could not find any running Ray instance" in first:
+        return ("no running Ray cluster found on this host for --address auto: start one with "
+                "`ray start --head`, or give its HOST:PORT with --address / RAY_ADDRESS")
+    if "InvalidAuthToken" in ray_said or type(e).__name__ == "AuthenticationError":
+        first = "its authentication token was refused"
+    return f"cannot join the Ray cluster at {address}: {first} (ALIKE_DEBUG=1 shows Ray's own messages)"
+
+
+class _RayOutput:
+    """Ray's C++ core writes its log lines to file descriptor 2, whatever Python's logging says:
+    before its logging is set up (a join with a refused token prints a line a second for 20 s)
+    and, for errors, all along (a worker that died, a cancelled actor...). Its processes write
+    there too. So descriptors 1 and 2 are pointed at a file of Ray's output while Ray starts,
+    and, for a command on a terminal, for good: sys.stdout and sys.stderr then write through
+    copies of the descriptors they had, so that everything Python prints goes where it went."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.saved: list[int] = []
+        self.file = None
+
+    def divert(self) -> None:
+        if not self.enabled:
+            return
+        _flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = [os.dup(1), os.dup(2)]
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+
+    def text(self) -> str:
+        if self.file is None:
+            return ""
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+    def restore(self) -> None:
+        """Descriptors 1 and 2 back where they were."""
+        if not self.saved:
+            return
+        _flush()
+        for fd, old in zip((1, 2), self.saved):
+            os.dup2(old, fd)
+            os.close(old)
+        self.saved = []
+        self.file.close()
+        self.file = None
+
+    def keep(self) -> None:
+        """Leave Ray's output diverted for the rest of the process, into Ray's session logs
+        (alike-driver-PID.out, next to Ray's own logs of this driver) when they are here."""
+        if not self.saved:
+            return
+        _flush()
+        log = self.file
+        with contextlib.suppress(Exception):
+            import ray
+
+            logs = ray._private.worker._global_node.get_logs_dir_path()
+            log = open(os.path.join(logs, f"alike-driver-{os.getpid()}.out"), "ab")
+            log.write(self.text().encode())
+            log.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = _text_stream(self.saved[0], sys.stdout)
+        sys.stderr = _text_stream(self.saved[1], sys.stderr)
+        self.keep_open = (log, self.file)  # the descriptors 1 and 2 now point at
+        self.saved = []
+
+
+def _text_stream(fd: int, like):
+    return os.fdopen(fd, "w", buffering=1, encoding=getattr(like, "encoding", None) or "utf-8",
+                     errors=getattr(like, "errors", None) or "backslashreplace")
+
+
+def _flush() -> None:
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
 
 
 def _check_reachable(address: str) -> None:

@@ -20,13 +20,29 @@ from .faults import crash_point
 NEW, DURABLE, PENDING = 0, 1, 2
 
 
-def load_segments(store: Store, keys: list[str], index: CompactIndex) -> None:
-    """Read segments several at a time (on S3 each is a request), adding them as they come."""
+def load_segments(store: Store, keys: list[str], index: CompactIndex) -> list[str]:
+    """Read segments several at a time (on S3 each is a request), adding them as they come.
+    A segment that fails its check is left out -> the keys of those. Leaving one out is safe
+    for the readers that call this: a backup then stores its blocks again, a restore refuses the
+    versions whose blocks only it indexed (gc and repair read the whole index, strictly)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from storage.errors import DamagedData
+
+    def one(key):
+        try:
+            return store.read_segment(key)
+        except DamagedData:
+            return key
+
+    damaged = []
     with ThreadPoolExecutor(8) as pool:
-        for seg in pool.map(store.read_segment, keys):
-            index.add(*seg)
+        for seg in pool.map(one, keys):
+            if isinstance(seg, str):
+                damaged.append(seg)
+            else:
+                index.add(*seg)
+    return damaged
 
 
 @ray.remote(num_cpus=0)
@@ -95,6 +111,8 @@ class IndexShard:
 
 class IndexClient:
     """Routes batches of hashes to the shard actors; picklable, so read tasks carry it."""
+
+    damaged: list = []  # segments left out for failing their check (the shards do not say)
 
     def __init__(self, actors: list):
         self.actors = actors
@@ -178,7 +196,7 @@ class LocalIndex:
     def __init__(self, store_url):
         store = Store.open(store_url)
         self.index = CompactIndex()
-        load_segments(store, store.segment_keys(), self.index)
+        self.damaged = load_segments(store, store.segment_keys(), self.index)
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         return self.index.lookup(hashes)[0]

@@ -164,9 +164,12 @@ def plan(store: Store, index: IndexClient, vm: str, version: str, disks: list[in
     found, packs, off, ln, _ = index.locate(uniq)
     if not found.all():
         missing = uniq[~found]
+        damaged = index.damaged
         raise DamagedData(
             f"{len(missing)} block(s) of {vm}@{version} are not in the index "
-            f"(first {missing[0].hex()[:16]})")
+            f"(first {missing[0].hex()[:16]})"
+            + (f"; index segment(s) {', '.join(damaged[:3])} fail their check: `alike repair --from` the "
+               "other store" if damaged else ""))
     n = len(hashes)
     rows = {"pack": packs[inv[:n]], "off": off[inv[:n]], "len": ln[inv[:n]], "hash": hashes, "disk": disks,
             "block": blocks}

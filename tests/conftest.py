@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,86 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "alike-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "alike-test-secret-do-not-print")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+# -- markers and CI strict mode ---------------------------------------------------------------
+# Markers (registered in pyproject.toml, --strict-markers) are given here, from where a test
+# lives and what it uses, so that no test can forget its own: `-m "not slow"` for a quick loop,
+# `-m kvm` for the libvirt tests alone.
+#
+# With CI=true, a test that would be skipped FAILS: a green CI run means everything ran (a
+# missing libvirt, FUSE, QEMU, qemu-img, S3 server, restic or borg is a broken CI machine, not
+# a pass). A skip that is right on any machine - the test does not apply - says so by starting
+# its reason with NOT_APPLICABLE. Tests of the full crash and flip matrices (marker
+# full_matrix) are not collected unless ALIKE_FULL_MATRIX=1: they are left out, not skipped.
+NOT_APPLICABLE = "not applicable: "
+STRICT = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+FULL_MATRIX = os.environ.get("ALIKE_FULL_MATRIX") == "1"
+# modules that boot VMs, start Ray nodes of their own or move hundreds of MiB
+SLOW_MODULES = {"test_kvm.py", "test_restore_hypervisor.py", "test_instant.py", "test_multinode.py",
+                "test_ray_join.py", "test_progress.py", "test_crash_matrix.py", "test_prune_crash.py"}
+
+
+CRASH_MODULES = {"test_crash_matrix.py", "test_prune_crash.py"}
+
+
+def _is_crash_test(item) -> bool:
+    """A crash test: run once per crash point, in a crash matrix module, or killing a process."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    name = getattr(item, "originalname", item.name)
+    return item.path.name in CRASH_MODULES or "point" in params or re.search(r"killed|dying|crash", name) is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on them
+def pytest_collection_modifyitems(config, items):
+    keep, left_out = [], []
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
+        if "conn" in fixtures:  # the machine's libvirt
+            item.add_marker(pytest.mark.kvm)
+        if "s3_server" in fixtures:  # s3_bucket uses it too
+            item.add_marker(pytest.mark.s3)
+        if _is_crash_test(item):
+            item.add_marker(pytest.mark.crash)
+        if item.path.name in SLOW_MODULES or _is_crash_test(item) or item.get_closest_marker("kvm"):
+            item.add_marker(pytest.mark.slow)
+        (left_out if item.get_closest_marker("full_matrix") and not FULL_MATRIX else keep).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = keep
+
+
+def _skip_reason(rep) -> str:
+    lr = rep.longrepr
+    reason = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _strict(rep, what: str) -> None:
+    """Under CI=true, turn a skip into a failure unless its reason says it does not apply."""
+    if not STRICT or not rep.skipped or hasattr(rep, "wasxfail"):
+        return
+    reason = _skip_reason(rep)
+    if reason.startswith(NOT_APPLICABLE):
+        return
+    rep.outcome = "failed"
+    rep.longrepr = (f"CI=true and {what} would be skipped: {reason}\n"
+                    "CI must run every test: give this machine what the test needs (scripts/test.sh "
+                    f"installs it), or, if the test cannot apply anywhere, start the reason with {NOT_APPLICABLE!r}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _strict(outcome.get_result(), "this test")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _strict(outcome.get_result(), "this module")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The retention policy (alike_ray/retention.py) on synthetic version ids: restic's `forget`
+"""The retention policy (pipelines/retention.py) on synthetic version ids: restic's `forget`
 semantics, pins, gaps, and hour/day/ISO-week/month/year boundaries."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from alike_ray.retention import Policy, PolicyError, plan, version_time
+from pipelines.retention import Policy, PolicyError, plan, version_time
 from storage.store import new_version_id
 
 

@@ -1,9 +1,7 @@
 """`alike prune`, `alike pin`, `alike unpin`, `alike pins`: retention on a store.
 
-A prune takes a shared writer lock (it only removes version.json files and manifests, which never
-hurts a backup or a vault running at the same time), decides per VM with alike_ray.retention, and
-removes the versions it does not keep with Store.delete_version. Their blocks stay in the packs
-until `alike gc` finds nothing references them. No Ray: a prune only touches version folders.
+The pruning itself (the lock, the decisions, the removal) is pipelines/prune.py, which job runs
+(alike_ray/jobs.py) call too; this module parses the options and prints the decisions.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ def _count(text, flag: str) -> int:
 
 
 def policy_from_args(args):
-    from ..retention import RULES, Policy
+    from pipelines.retention import RULES, Policy
 
     values = {"keep_last": args.keep_last, **{f"keep_{r}": getattr(args, f"keep_{r}") for r in RULES}}
     given = {k: _count(v, "--" + k.replace("_", "-")) for k, v in values.items() if v is not None}
@@ -44,63 +42,8 @@ def policy_from_args(args):
     return policy
 
 
-def prune_store(store, policy, vms=None, dry_run: bool = False, progress=None) -> dict:
-    """Apply `policy` to `vms` (default: every VM) of `store` under a shared writer lock.
-    -> {"store", "policy", "dry_run", "vms": [{"vm", "versions": [decision...], "removed", "kept"}],
-        "removed": [vm@version...], "kept": n}. Used by `alike prune` and by job runs."""
-    from pipelines.faults import crash_point
-    from storage.locks import store_lock
-
-    from ..retention import plan
-
-    lock = None if dry_run else store_lock(store.backend, "writer", "prune")
-    if lock is not None:
-        crash_point("prune-locked")
-    try:
-        pins = store.pins()
-        have = store.list_vms()
-        todo = [v for v in (vms if vms is not None else have) if v in have]
-        rep = {"store": store.url, "policy": policy.to_dict(), "dry_run": dry_run, "vms": [], "removed": [],
-               "kept": 0}
-        for vm in todo:
-            crash_point("prune-vm")
-            if progress:
-                progress(f"{vm}: deciding")
-            ids = [v for _, v in store.list_versions(vm)]
-            created = {}
-            for v in ids:
-                if not v[:8].isdigit():  # only ids without a time need version.json
-                    try:
-                        created[v] = store.read_version(vm, v).get("created")
-                    except StoreError:
-                        created[v] = None
-            decisions = plan(ids, policy, {v for m, v in pins if m == vm}, created)
-            row = {"vm": vm, "versions": [d.to_dict() for d in decisions], "removed": 0,
-                   "kept": sum(d.keep for d in decisions)}
-            for d in reversed(decisions):  # oldest first
-                if d.keep:
-                    continue
-                if not dry_run:
-                    if store.backend.exists(f"pins/{vm}/{d.version}.json"):  # pinned meanwhile
-                        row["kept"] += 1
-                        row["versions"][decisions.index(d)].update(keep=True, reasons=["pinned"])
-                        continue
-                    crash_point("prune-removing")
-                    store.delete_version(vm, d.version, between=lambda: crash_point("prune-version-json"))
-                    crash_point("prune-removed")
-                row["removed"] += 1
-                rep["removed"].append(f"{vm}@{d.version}")
-            rep["kept"] += row["kept"]
-            rep["vms"].append(row)
-            if progress:
-                progress(f"{vm}: {'would remove' if dry_run else 'removed'} {row['removed']}, kept {row['kept']}")
-        return rep
-    finally:
-        if lock is not None:
-            lock.release()
-
-
 def cmd_prune(args) -> int:
+    from pipelines.prune import prune_store
     from storage.store import Store
 
     from ..config import store_url

@@ -85,7 +85,7 @@ class StoreView:
         with self.lock:
             m = self._manifests.get(key)
             if m is None:
-                m = self._manifests[key] = self.store.read_manifest(vm, v, disk["manifest"])
+                m = self._manifests[key] = self.store.read_manifest(vm, v, disk)
             return m
 
     def block(self, vm: str, v: str, disk: dict, n: int) -> bytes | None:

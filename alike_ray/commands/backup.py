@@ -1,0 +1,127 @@
+"""`alike backup`: back up VMs (pipelines/backup.py), optionally vaulting the new versions."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from storage.errors import StoreError
+
+from . import Served
+from ..ui import Progress, _connect, _h, out
+
+
+def cmd_backup(args) -> int:
+    from pipelines.backup import run_backup
+    from pipelines.cluster import local_node_id
+    from storage.store import Store, check_vm_name
+
+    from ..config import store_url
+    from ..sources import open_source
+    from .vault import _vault
+
+    url = store_url(args)
+    Store.open(url)
+    if args.name and len(args.sources) > 1:
+        raise StoreError("--name names one VM: give one source with it, or none (names come from the images)")
+    _connect(args)
+    node = local_node_id()
+    jobs = []
+    for spec in args.sources:
+        opts = {"node_id": node}
+        if spec.startswith("image:"):
+            opts.update(name=args.name, shared=args.shared)
+        src = open_source(spec, **opts)
+        vms = src.list_vms()
+        if len(vms) == 1 and not args.vm:
+            jobs.append((src, check_vm_name(vms[0].name)))
+            continue
+        if not args.vm:
+            raise StoreError(f"{spec} has {len(vms)} VMs: name the ones to back up with --vm "
+                             f"(see `alike inventory {spec}`)")
+        names = {v.name for v in vms}
+        for want in args.vm:
+            if want not in names:
+                raise StoreError(f"no VM named {want!r} in {spec}: see `alike inventory {spec}`")
+            jobs.append((src, check_vm_name(want)))
+    names = [vm for _, vm in jobs]
+    if len(set(names)) != len(names):
+        raise StoreError(f"two sources would be the VM {max(names, key=names.count)!r}: give each a distinct name")
+    bar = Progress("backup")
+    t0 = time.monotonic()
+    try:
+        results = run_backup(url, jobs, parallel=args.parallel, full=args.full, on_progress=bar, node_id=node,
+                             cbt=not args.no_cbt)
+    finally:
+        bar.close()
+    failed = [r for r in results if "error" in r]
+    if args.vault_to and len(failed) < len(results):
+        args.to = args.vault_to
+        done = [r["vm"] for r in results if "error" not in r]
+        rep = _vault(args, url, vms=done, versions=[r["version"] for r in results if "error" not in r])
+        for r in results:
+            if "error" not in r:
+                r["vaulted"] = f"{r['vm']}@{r['version']}" not in rep["versions_skipped"]
+        if rep["versions_skipped"]:
+            failed.append({"vm": ",".join(rep["versions_skipped"]), "error": "vault after backup skipped damaged versions",
+                           "exit_code": 3})
+    for r in failed:
+        print(f"alike: error: {r['error']}", file=sys.stderr)
+    for r in results:  # what the source warned about (an image cut short...), kept with the version
+        for note in r.get("notes", []):
+            print(f"alike: warning: {r['vm']}: {note}", file=sys.stderr)
+    keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
+            "cache_hits", "index_lookups", "packs", "cbt", "patched_blocks", "cbt_notes", "notes", "read_nodes", "seconds",
+            "phase_seconds", "task_seconds", "vaulted")
+    ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
+    if not args.json:
+        for r in ok:
+            patched = f" ({r['patched_blocks']} patched)" if r.get("patched_blocks") else ""
+            out(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
+                  f"{r['new_blocks']} new blocks{patched}, {_h(r['stored_bytes'])} stored, {r['seconds']:.1f}s")
+    elif len(results) == 1 and ok:
+        out(json.dumps(ok[0]))
+    else:
+        out(json.dumps({"ok": not failed, "seconds": round(time.monotonic() - t0, 3), "vms": ok,
+                          "errors": [{"vm": r["vm"], "error": r["error"]} for r in failed]}))
+    if failed:
+        return max(int(r.get("exit_code", 1)) for r in failed)
+    return 0
+
+
+def register(add, sub) -> None:
+    sp = add("backup", cmd_backup, "back up VMs (a full version that stores only new data)",
+             "Back up one or more sources. Each becomes a version of its VM: complete on its own, "
+             "storing only blocks the store lacks. Sources: image:PATH[,PATH...] (raw or qcow2 "
+             "files, block devices).")
+    sp.add_argument("sources", nargs="+", metavar="SOURCE", help="e.g. image:/var/lib/images/web.qcow2")
+    sp.add_argument("--name", help="VM name (default: the image file's name without extension)")
+    sp.add_argument("--vm", action="append", help="a VM of a multi-VM source such as kvm:URI (repeatable)")
+    sp.add_argument("--no-cbt", action="store_true", help="ignore changed block tracking: read every allocated block")
+    sp.add_argument("--parallel", type=int, default=2, help="VMs backed up at once (default 2)")
+    sp.add_argument("--full", action="store_true",
+                    help="always full/baseline: ignore the previous version as munge cache")
+    sp.add_argument("--shared", action="store_true",
+                    help="the image path is visible on every Ray node (NFS...): read tasks may run anywhere")
+    sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    sp.add_argument("--server", nargs="?", const=True, metavar="SOCKET",
+                    help="run the backup in the long-lived `alike server` listening at SOCKET (default: "
+                         "$ALIKE_SERVER, else the server's default socket): its Ray workers are already up, so "
+                         "a backup costs only its own work. Setting $ALIKE_SERVER makes this the default")
+
+    sp.add_argument("--vault-to", metavar="STORE", help="after the backup, vault the new versions to this store")
+    sp.add_argument("--to-endpoint", help="S3 endpoint of the --vault-to store (default: --endpoint)")
+    sp.add_argument("--to-profile", help="AWS profile of the --vault-to store (default: --profile)")
+
+
+def _client_args(d: dict) -> None:
+    from ..config import absolute_store
+    from ..sources import absolute_source
+
+    d["store"] = absolute_store(d.get("store") or os.environ.get("ALIKE_STORE"))
+    d["sources"] = [absolute_source(s) for s in d.get("sources") or []]
+    d["vault_to"] = absolute_store(d.get("vault_to"))
+
+
+SERVED = {"backup": Served(cmd_backup, _client_args)}

@@ -1,0 +1,30 @@
+"""`alike inventory`: list the VMs of a source."""
+from __future__ import annotations
+
+import json
+
+from ..ui import EPILOG, out
+
+
+def cmd_inventory(args) -> int:
+    from ..sources import open_source
+
+    src = open_source(args.source)
+    vms = src.list_vms()
+    rows = [{"name": v.name, "id": v.id, "state": v.power_state, "tags": v.tags,
+             "disks": [{"name": n, "size": sz} for n, sz in v.disks]} for v in vms]
+    if args.json:
+        out(json.dumps({"source": args.source, "vms": rows}))
+        return 0
+    out(f"{'VM':<24} {'STATE':<10} {'DISKS':>5}  TAGS")
+    for r in rows:
+        out(f"{r['name']:<24} {r['state']:<10} {len(r['disks']):>5}  {', '.join(r['tags'])}")
+    return 0
+
+
+def register(add, sub) -> None:
+    sp = sub.add_parser("inventory", help="list the VMs of a source", epilog=EPILOG,
+                        description="List the VMs of a source (image:PATH, kvm:URI): names, state, disks, tags.")
+    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sp.set_defaults(fn=cmd_inventory)

@@ -1,0 +1,127 @@
+"""`alike restore`: a version's disks to files, or to a new VM on a hypervisor (pipelines/restore.py)."""
+from __future__ import annotations
+
+import os
+import time
+
+from storage.errors import StoreError
+
+from ..ui import Progress, _connect, _emit, _h
+
+
+def cmd_restore(args) -> int:
+    from pipelines.cluster import local_node_id
+    from pipelines.restore import resolve_version, run_restore
+    from storage.store import Store
+
+    from ..config import store_url
+
+    url = store_url(args)
+    st = Store.open(url)
+    vm, _, version = args.vm.partition("@")
+    if args.offsite:
+        from storage.backend import store_spec
+
+        off = store_spec(args.offsite, args.offsite_endpoint or args.endpoint, args.offsite_profile or args.profile)
+        have_here = any(v == version or v.startswith(version) for _, v in st.list_versions(vm)) if version \
+            else bool(st.list_versions(vm))
+        if args.prefer == "offsite" or not have_here:
+            url, st = off, Store.open(off)
+    from ..restore.formats import EXTENSIONS, convert, fmt_for
+
+    version = resolve_version(st, vm, version or None)
+    meta = st.read_version(vm, version)
+    ndisks = len(meta["disks"])
+    hyper = None
+    if args.to.startswith("kvm:"):  # a full restore into a hypervisor: a new VM there
+        from ..restore import hypervisor
+
+        uri = args.to[len("kvm:"):]
+        name = args.name or f"{vm}-restored"
+        pool = args.pool_dir or hypervisor.DEFAULT_POOL
+        hypervisor.check_target(uri, name, pool)
+        hyper = (hypervisor, uri, name)
+        args.to, args.format, args.disk = pool, "qcow2", "all"
+    if args.disk in (None, "all"):
+        disks = list(range(ndisks))
+    else:
+        if not args.disk.isdigit() or int(args.disk) >= ndisks:
+            raise StoreError(f"{vm}@{version} has no disk {args.disk!r}: use a number from 0 to {ndisks - 1}, or all")
+        disks = [int(args.disk)]
+    fmt = fmt_for(args.to, args.format)
+    if hyper:
+        targets = [os.path.join(args.to, f"{hyper[2]}-disk{n}.qcow2") for n in disks]
+    elif len(disks) == 1:
+        targets = [args.to]
+    else:
+        if os.path.exists(args.to) and not os.path.isdir(args.to):
+            raise StoreError(f"{vm}@{version} has {ndisks} disks: --to must be a folder (or pass --disk N)")
+        os.makedirs(args.to, exist_ok=True)
+        stems = [os.path.splitext(meta["disks"][n]["name"])[0] for n in disks]
+        if len(set(stems)) != len(stems):  # two disks of one name: number them
+            stems = [f"{n}-{s}" for n, s in zip(disks, stems)]
+        targets = [os.path.join(args.to, s + EXTENSIONS[fmt]) for s in stems]
+    for t in targets:
+        if os.path.exists(t) and not args.force:
+            raise StoreError(f"{t} exists: choose another target or pass --force to overwrite it")
+    raws = targets if fmt == "raw" else [f"{t}.alike-raw" for t in targets]
+    _connect(args)
+    bar = Progress("restore")
+    t0 = time.monotonic()
+    try:
+        res = run_restore(url, vm, version, raws, force=True if fmt != "raw" else args.force, on_progress=bar,
+                          node_id=local_node_id(), disks=disks)
+        if fmt != "raw":
+            res["checks"] = []
+            for raw, t in zip(raws, targets):
+                res["checks"].append(convert(raw, t, fmt))
+    finally:
+        bar.close()
+        if fmt != "raw":
+            for raw in raws:
+                if os.path.exists(raw):
+                    os.unlink(raw)
+    res.update(targets=targets, format=fmt, disks=disks)
+    if hyper:
+        try:
+            res["vm_created"] = hyper[0].define(hyper[1], hyper[2], targets, args.memory, args.vcpus, args.start)
+        except BaseException:
+            for t in targets:
+                if os.path.exists(t):
+                    os.unlink(t)
+            raise
+    res["seconds"] = round(time.monotonic() - t0, 3)
+    text = (f"restored {vm}@{version} to {', '.join(targets)} ({_h(res['logical_bytes'])}, "
+            f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
+    if hyper:
+        text += f"\nnew VM {hyper[2]} defined on {hyper[1]} ({res['vm_created']['state']})"
+    _emit(args, res, text)
+    return 0
+
+
+def register(add, sub) -> None:
+    sp = add("restore", cmd_restore, "restore a version's disks to raw files",
+             "Restore VM (latest version) or VM@VERSION (a version id or a unique prefix of one). "
+             "A one-disk VM (or --disk N) is written to the file --to; several disks to files named after "
+             "the disks in the folder --to. Formats other than raw go through qemu-img and are checked "
+             "with qemu-img check and compare.")
+    sp.add_argument("vm", metavar="VM[@VERSION]")
+    sp.add_argument("--to", required=True,
+                    help="target file, folder (several disks), or kvm:URI for a new VM on that libvirt host")
+    sp.add_argument("--disk", default="all", help="disk number to restore, or all (default)")
+    sp.add_argument("--name", help="with --to kvm:URI: the new VM's name (default VM-restored)")
+    sp.add_argument("--pool-dir", help="with --to kvm:URI: where its disks go (default /var/lib/libvirt/images)")
+    sp.add_argument("--memory", type=int, default=1024, help="with --to kvm:URI: memory in MiB (default 1024)")
+    sp.add_argument("--vcpus", type=int, default=1, help="with --to kvm:URI: virtual CPUs (default 1)")
+    sp.add_argument("--start", action="store_true", help="with --to kvm:URI: start the new VM")
+    sp.add_argument("--format", choices=["raw", "qcow2", "vhd", "vhdx"],
+                    help="disk format (default: from --to's extension, else raw sparse); "
+                         "converted and checked with qemu-img")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing target")
+    sp.add_argument("--offsite", metavar="STORE", help="the offsite store (ODS) holding copies of --store's versions")
+    sp.add_argument("--offsite-endpoint", help="S3 endpoint of --offsite (default: --endpoint)")
+    sp.add_argument("--offsite-profile", help="AWS profile of --offsite (default: --profile)")
+    sp.add_argument("--prefer", choices=["onsite", "offsite"], default="onsite",
+                    help="which store to read when both hold the version (default onsite; the other "
+                         "is used when only it has the version)")
+    sp.add_argument("--address", help="Ray cluster to join")
