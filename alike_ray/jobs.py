@@ -269,7 +269,7 @@ class JobRun:
 
 
 RECORD_KEYS = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "cbt", "patched_blocks",
-               "cbt_notes", "seconds", "vaulted", "vault_error", "error")
+               "cbt_notes", "notes", "seconds", "vaulted", "vault_error", "error")
 
 
 def _quiet(text: str) -> None:

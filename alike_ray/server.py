@@ -242,7 +242,7 @@ class Server:
         self.pool = WarmPool()
         install(self.pool)
         t0 = time.monotonic()
-        self.pool.prewarm(pin_here(local_node_id()))
+        self.pool.prewarm(pin_here(local_node_id()), modules=("alike_ray.sources.image", "alike_ray.sources.kvm"))
         self.log(f"warm: a snapshot actor and the read-task workers are up ({time.monotonic() - t0:.1f} s)")
         from . import ui
 

@@ -37,12 +37,17 @@ def install(pool) -> None:
 
 
 @ray.remote(max_retries=0)
-def _warm_task() -> bool:
-    """Runs in a read-task worker: import what a read task needs, so the first backup does not."""
+def _warm_task(modules: tuple[str, ...] = ()) -> bool:
+    """Runs in a read-task worker: import what a read task needs, so the first backup does not:
+    the pipeline, the codec, and the `modules` of the sources whose disks it will read (named
+    by the caller: pipelines never import a source)."""
+    import importlib
+
     import pipelines.backup  # noqa: F401
     import storage.codec  # noqa: F401
-    from alike_ray.sources import image, kvm  # noqa: F401
 
+    for m in modules:
+        importlib.import_module(m)
     return True
 
 
@@ -56,14 +61,15 @@ class WarmPool:
         self.counts = dict(actors_started=0, actors_reused=0, indexes_started=0, indexes_reused=0)
 
     # -- start-up ------------------------------------------------------------------------------
-    def prewarm(self, scheduling_strategy=None, actors: int = 1) -> None:
-        """Start `actors` snapshot actors and one read-task worker per CPU, and wait for them."""
+    def prewarm(self, scheduling_strategy=None, actors: int = 1, modules: tuple[str, ...] = ()) -> None:
+        """Start `actors` snapshot actors and one read-task worker per CPU, and wait for them;
+        the workers import `modules` (the sources' modules) beforehand."""
         from .backup import SnapshotActor
         from .cluster import cluster_cpus
 
         opts = {"scheduling_strategy": scheduling_strategy} if scheduling_strategy else {}
         new = [SnapshotActor.options(**opts).remote() for _ in range(actors)]
-        ray.get([a.warm.remote() for a in new] + [_warm_task.remote() for _ in range(cluster_cpus())])
+        ray.get([a.warm.remote() for a in new] + [_warm_task.remote(tuple(modules)) for _ in range(cluster_cpus())])
         with self.lock:
             self.actors += new
             self.counts["actors_started"] += len(new)

@@ -115,3 +115,16 @@ def test_whole_images_are_not_noted(tmp_path, imgs, label):
     whole = cut_short_image(str(tmp_path / "whole.raw"), label, 32, 32)
     [vm] = ImageSource(f"{whole},{imgs['odd']},{imgs['plain']}").list_vms()
     assert vm.notes == []
+
+
+def test_inventory_warns_of_a_cut_short_image(tmp_path):
+    import json
+
+    path = cut_short_image(str(tmp_path / "office.raw"), "dos")
+    p = subprocess.run([sys.executable, "-m", "alike_ray.cli", "inventory", f"image:{path}", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    [vm] = json.loads(p.stdout)["vms"]
+    [note] = vm["notes"]
+    assert "looks cut short" in note and vm["disks"] == [{"name": "office.raw", "size": 12 * MiB}]
+    assert p.stderr.splitlines() == [f"alike: warning: office: {note}"]

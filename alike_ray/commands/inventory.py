@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..ui import EPILOG, out
 
@@ -12,7 +13,10 @@ def cmd_inventory(args) -> int:
     src = open_source(args.source)
     vms = src.list_vms()
     rows = [{"name": v.name, "id": v.id, "state": v.power_state, "tags": v.tags,
-             "disks": [{"name": n, "size": sz} for n, sz in v.disks]} for v in vms]
+             "disks": [{"name": n, "size": sz} for n, sz in v.disks], "notes": v.notes} for v in vms]
+    for r in rows:  # what the source warns about (an image cut short...)
+        for note in r["notes"]:
+            print(f"alike: warning: {r['name']}: {note}", file=sys.stderr)
     if args.json:
         out(json.dumps({"source": args.source, "vms": rows}))
         return 0

@@ -64,6 +64,8 @@ def _print_run(args, job, run) -> None:
             print(f"alike: error: {r['vm']}: {r['error']}", file=sys.stderr)
         for note in r.get("cbt_notes", []):
             print(f"{r['vm']}: {note}", file=sys.stderr)
+        for note in r.get("notes", []):  # the source's warnings (an image cut short...)
+            print(f"alike: warning: {r['vm']}: {note}", file=sys.stderr)
     for where, entry in record.get("retention", {}).items():
         if "error" in entry:
             print(f"alike: error: {where} retention failed (the backups are kept): {entry['error']}", file=sys.stderr)
@@ -109,7 +111,7 @@ def cmd_job_history(args) -> int:
         for v in vms:
             if "error" in v:
                 out(f"    {v['vm']}: {v['error']}")
-            for note in v.get("cbt_notes", []):
+            for note in v.get("cbt_notes", []) + v.get("notes", []):
                 out(f"    {v['vm']}: {note}")
         for line in jobs.run_notes(r):
             out(f"    {line}")

@@ -72,6 +72,8 @@ class StoreView:
             if name in out:
                 name = f"{n}-{name}"
             out[name] = {"size": int(d["size"]), "manifest": d["manifest"], "mtime": _mtime(meta)}
+            if "manifest_blake3" in d:  # the manifest's check (format 2): read_manifest verifies it
+                out[name]["manifest_blake3"] = d["manifest_blake3"]
         return out
 
     def index(self):

@@ -99,7 +99,10 @@ class MappedDisk(Disk):
             if s < e:
                 if s > pos:
                     buf[pos - offset:s - offset] = 0
-                n = os.preadv(fd, [mv[s - offset:e - offset]], h + (s - g))
+                try:
+                    n = os.preadv(fd, [mv[s - offset:e - offset]], h + (s - g))
+                except OSError as err:  # EIO of a failing disk...: the source is unreadable (exit 5)
+                    raise SourceError(f"cannot read {self.path} at offset {h + (s - g)}: {err.strerror or err}") from None
                 if n != e - s:
                     raise SourceError(f"{self.path} ended early (read {n} of {e - s} bytes at {s}): was it truncated?")
                 done += n
