@@ -35,11 +35,13 @@ class Parser(argparse.ArgumentParser):
             # a parser of sub-commands (alike, alike job...): argparse cannot intermix those
             namespace, extras = super().parse_known_args(args, namespace)
         else:
-            self._plain = True
+            self._plain, usage = True, self.usage
+            if usage is None:  # what parse_known_intermixed_args would set, with metavars' % kept (P%)
+                self.usage = self.format_usage()[len("usage: "):].replace("%", "%%")
             try:
                 namespace, extras = self.parse_known_intermixed_args(args, namespace)
             finally:
-                self._plain = False
+                self._plain, self.usage = False, usage
         if extras:  # no parser above takes options after a command's: refuse them here, with its usage
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras

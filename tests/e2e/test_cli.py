@@ -41,6 +41,34 @@ def test_version(cli):
     assert p.stdout.strip() == f"alike {version('alike-ray')}"
 
 
+# -- --help of every command ----------------------------------------------------------------
+def _commands(parser, path=()):
+    """Every command path of the parser: (), ("backup",), ("job", "run")..."""
+    import argparse
+
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, path + (name,))
+
+
+def test_every_command_has_help(capsys):
+    """--help of each command (options parsed intermixed: a metavar such as P% must survive)."""
+    from alike_ray.cli import build_parser
+
+    paths = list(_commands(build_parser()))
+    assert ("verify",) in paths and ("job", "run") in paths and ("server", "status") in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*path, "--help"])
+        assert e.value.code == 0, path
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: {' '.join(('alike',) + path)}"), (path, text[:200])
+        if path and path[0] not in ("job", "server") or len(path) > 1:
+            assert "--json" in text, path  # every command has --json for scripts
+
+
 # -- usage errors ---------------------------------------------------------------------------
 USAGE = [
     # (argv, the sub-command's usage line starts with, words of the error)
