@@ -19,8 +19,63 @@ from .ui import EPILOG, _guard_stdout, out
 
 
 # -- parser ---------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse, with options allowed after positional arguments everywhere
+    (`alike files VM ls --partition 2 PATH`: plain argparse refuses the PATH after an option once
+    it has filled `PATH...` with nothing), and usage errors that name the sub-command: its usage,
+    then one `alike: error:` line. Sub-command parsers are made of this class too (argparse's
+    add_subparsers uses the parent's class)."""
+
+    _plain = False  # set while parse_known_intermixed_args calls parse_known_args itself
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._plain:
+            return super().parse_known_args(args, namespace)
+        if any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            # a parser of sub-commands (alike, alike job...): argparse cannot intermix those
+            namespace, extras = super().parse_known_args(args, namespace)
+        else:
+            self._plain, usage = True, self.usage
+            if usage is None:  # what parse_known_intermixed_args would set, with metavars' % kept (P%)
+                self.usage = self.format_usage()[len("usage: "):].replace("%", "%%")
+            try:
+                namespace, extras = self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._plain, self.usage = False, usage
+        if extras:  # no parser above takes options after a command's: refuse them here, with its usage
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"alike: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Version(argparse.Action):
+    """--version: read from the installed package's metadata only when asked (keeps --help fast)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        out(f"alike {package_version()}")
+        parser.exit(0)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alike-ray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alike", description="Deduplicating VM backup on Ray.", epilog=EPILOG)
+    p = Parser(prog="alike", description="Deduplicating VM backup on Ray.", epilog=EPILOG)
+    p.add_argument("--version", action=_Version, help="print alike's version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name, fn, help_, desc=None):

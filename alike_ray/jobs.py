@@ -161,6 +161,9 @@ def load(path: str, base: str | None = None) -> Job:
         raise JobError(f"{path}: method {opt['method']!r} is not available: use \"enhanced\" (agentless)")
     if opt.get("parallel", 1) < 1:
         raise JobError(f"{path}: parallel in [options] must be at least 1")
+    for key, url in (("store", data.get("store")), ("vault_to", opt.get("vault_to"))):
+        if url is not None:
+            _check_store_url(path, key, url)
     if base:
         from .config import absolute_store
         from .sources import absolute_source
@@ -176,6 +179,17 @@ def load(path: str, base: str | None = None) -> Job:
                exclude=sel.get("exclude", []), retention=retention,
                **{k: opt[k] for k in ("method", "cbt", "memory", "parallel", "full", "vault_to",
                                       "vault_endpoint", "vault_profile", "validate", "validate_all") if k in opt})
+
+
+def _check_store_url(path: str, key: str, url: str) -> None:
+    """A store named in the job has a form alike knows (a folder, s3://BUCKET/PREFIX): found
+    when the job is read, not after its backups ran."""
+    from storage.backend import open_backend, store_spec
+
+    try:
+        open_backend(store_spec(url))  # no I/O: the URL's form only
+    except StoreError as e:
+        raise JobError(f"{path}: {key} {url!r}: {e.message}") from None
 
 
 def _retention(path: str, table: dict) -> dict:

@@ -6,6 +6,11 @@ the argparse sub-parsers object for commands that need another shape. `alike_ray
 modules by listing this package, so a new command needs no edit anywhere else (FIRST only puts
 the everyday commands first in `alike --help`). Import heavy libraries inside the command
 functions: `alike --help` must stay fast.
+
+A module whose command may run in `alike server` declares it in SERVED (see Served); the server
+finds it through server_command, never by name in cli.py. What a command does beyond parsing
+and printing belongs below this layer (alike_ray/jobs.py, pipelines/), where the server and a
+scheduler call it directly. _checks.py holds the checks of arguments made before Ray starts.
 """
 from __future__ import annotations
 

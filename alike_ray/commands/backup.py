@@ -5,11 +5,19 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from storage.errors import StoreError
 
-from . import Served
+from . import Served, _checks
 from ..ui import Progress, _connect, _h, out
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A VM to back up: the source spec it comes from and its name in the store."""
+    spec: str
+    vm: str
 
 
 def cmd_backup(args) -> int:
@@ -18,36 +26,21 @@ def cmd_backup(args) -> int:
     from storage.store import Store, check_vm_name
 
     from ..config import store_url
-    from ..sources import open_source
     from .vault import _vault
 
     url = store_url(args)
     Store.open(url)
     if args.name and len(args.sources) > 1:
         raise StoreError("--name names one VM: give one source with it, or none (names come from the images)")
+    if args.name:
+        check_vm_name(args.name)
+    _checks.at_least(args.parallel, 1, "--parallel")
+    if args.vault_to:
+        _checks.store_target(args.vault_to, args.to_endpoint or args.endpoint, args.to_profile or args.profile)
+    picks = _choose(args)  # before Ray starts: every source parsed and listed, every name checked
     _connect(args)
     node = local_node_id()
-    jobs = []
-    for spec in args.sources:
-        opts = {"node_id": node}
-        if spec.startswith("image:"):
-            opts.update(name=args.name, shared=args.shared)
-        src = open_source(spec, **opts)
-        vms = src.list_vms()
-        if len(vms) == 1 and not args.vm:
-            jobs.append((src, check_vm_name(vms[0].name)))
-            continue
-        if not args.vm:
-            raise StoreError(f"{spec} has {len(vms)} VMs: name the ones to back up with --vm "
-                             f"(see `alike inventory {spec}`)")
-        names = {v.name for v in vms}
-        for want in args.vm:
-            if want not in names:
-                raise StoreError(f"no VM named {want!r} in {spec}: see `alike inventory {spec}`")
-            jobs.append((src, check_vm_name(want)))
-    names = [vm for _, vm in jobs]
-    if len(set(names)) != len(names):
-        raise StoreError(f"two sources would be the VM {max(names, key=names.count)!r}: give each a distinct name")
+    jobs = _open_picked(args, picks, node)
     bar = Progress("backup")
     t0 = time.monotonic()
     try:
@@ -88,6 +81,47 @@ def cmd_backup(args) -> int:
     if failed:
         return max(int(r.get("exit_code", 1)) for r in failed)
     return 0
+
+
+def _source_options(args, spec: str) -> dict:
+    return {"name": args.name, "shared": args.shared} if spec.startswith("image:") else {}
+
+
+def _choose(args) -> list[Pick]:
+    """The VMs the sources name (all of a one-VM source, else those given with --vm), checked."""
+    from storage.store import check_vm_name
+
+    picks = []
+    for spec in args.sources:
+        src = _checks.open_source(spec, **_source_options(args, spec))
+        vms = src.list_vms()
+        if len(vms) == 1 and not args.vm:
+            picks.append(Pick(spec, check_vm_name(vms[0].name)))
+            continue
+        if not args.vm:
+            raise StoreError(f"{spec} has {len(vms)} VMs: name the ones to back up with --vm "
+                             f"(see `alike inventory {spec}`)")
+        names = {v.name for v in vms}
+        for want in args.vm:
+            if want not in names:
+                raise StoreError(f"no VM named {want!r} in {spec}: see `alike inventory {spec}`")
+            picks.append(Pick(spec, check_vm_name(want)))
+    names = [p.vm for p in picks]
+    if len(set(names)) != len(names):
+        raise StoreError(f"two sources would be the VM {max(names, key=names.count)!r}: give each a distinct name")
+    return picks
+
+
+def _open_picked(args, picks: list[Pick], node: str) -> list:
+    """-> [(source, VM name)] for run_backup: each source opened again, now with this Ray node
+    (reads of local paths are pinned to it)."""
+    from ..sources import open_source
+
+    opened = {}
+    for p in picks:
+        if p.spec not in opened:
+            opened[p.spec] = open_source(p.spec, node_id=node, **_source_options(args, p.spec))
+    return [(opened[p.spec], p.vm) for p in picks]
 
 
 def register(add, sub) -> None:

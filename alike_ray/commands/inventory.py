@@ -8,7 +8,7 @@ from ..ui import EPILOG, out
 
 
 def cmd_inventory(args) -> int:
-    from ..sources import open_source
+    from ._checks import open_source
 
     src = open_source(args.source)
     vms = src.list_vms()

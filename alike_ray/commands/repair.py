@@ -19,13 +19,14 @@ unchanged), 2 for bad input. --dry-run only lists what would be fetched."""
 
 
 def cmd_repair(args) -> int:
-    from pipelines.repair import run_repair
+    from pipelines.repair import open_pair, run_repair
     from storage.backend import store_spec
 
     from ..config import store_url
 
     url = store_url(args)
     other = store_spec(args.source, args.from_endpoint or args.endpoint, args.from_profile or args.profile)
+    open_pair(url, other)  # before Ray starts: both stores, and that one can heal the other
     _connect(args)
     bar = Progress("repair", unit="block")
 

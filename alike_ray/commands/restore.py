@@ -6,6 +6,7 @@ import time
 
 from storage.errors import StoreError
 
+from . import _checks
 from ..ui import Progress, _connect, _emit, _h
 
 
@@ -39,6 +40,8 @@ def cmd_restore(args) -> int:
         uri = args.to[len("kvm:"):]
         name = args.name or f"{vm}-restored"
         pool = args.pool_dir or hypervisor.DEFAULT_POOL
+        _checks.at_least(args.memory, 1, "--memory")
+        _checks.at_least(args.vcpus, 1, "--vcpus")
         hypervisor.check_target(uri, name, pool)
         hyper = (hypervisor, uri, name)
         args.to, args.format, args.disk = pool, "qcow2", "all"
@@ -56,14 +59,20 @@ def cmd_restore(args) -> int:
     else:
         if os.path.exists(args.to) and not os.path.isdir(args.to):
             raise StoreError(f"{vm}@{version} has {ndisks} disks: --to must be a folder (or pass --disk N)")
-        os.makedirs(args.to, exist_ok=True)
+        try:
+            os.makedirs(args.to, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the folder {args.to}: {e.strerror or e} (choose another --to)") from None
         stems = [os.path.splitext(meta["disks"][n]["name"])[0] for n in disks]
         if len(set(stems)) != len(stems):  # two disks of one name: number them
             stems = [f"{n}-{s}" for n, s in zip(disks, stems)]
         targets = [os.path.join(args.to, s + EXTENSIONS[fmt]) for s in stems]
-    for t in targets:
-        if os.path.exists(t) and not args.force:
-            raise StoreError(f"{t} exists: choose another target or pass --force to overwrite it")
+    for t in targets:  # before Ray starts: a target that cannot be written is found at once
+        if hyper:
+            if os.path.exists(t) and not args.force:
+                raise StoreError(f"{t} exists: choose another target or pass --force to overwrite it")
+        else:
+            _checks.output_file(t, args.force)
     raws = targets if fmt == "raw" else [f"{t}.alike-raw" for t in targets]
     _connect(args)
     bar = Progress("restore")

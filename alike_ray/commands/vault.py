@@ -4,6 +4,9 @@ from __future__ import annotations
 import sys
 import time
 
+from storage.errors import StoreError
+
+from . import _checks
 from ..ui import Progress, _connect, _emit, _h
 
 
@@ -29,7 +32,12 @@ def cmd_vault(args) -> int:
     from ..config import store_url
 
     url = store_url(args)
-    Store.open(url)
+    st = Store.open(url)
+    # before Ray starts: the target's form, and the VMs asked for
+    _checks.store_target(args.to, args.to_endpoint or args.endpoint, args.to_profile or args.profile)
+    unknown = sorted(set(args.vm or ()) - set(st.list_vms()))
+    if unknown:
+        raise StoreError(f"no VM named {unknown[0]!r} in {st.url} (VMs there: {', '.join(st.list_vms()) or 'none'})")
     _connect(args)
     rep = _vault(args, url, vms=args.vm, versions=args.version)
     rate = rep["bytes_copied"] / rep["seconds"] if rep["seconds"] else 0

@@ -92,3 +92,27 @@ def test_selection_matching_nothing(alike, fleet, tmp_path):
     job = write(tmp_path / "none.toml", job_text(tmp_path / "ads", fleet, 'keyword = "nomatch"'))
     p = alike("job", "preview", job)
     assert p.returncode == 2 and "matches no VM" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_called_directly(ray_address, fleet, tmp_path):
+    """jobs.run is what `alike server` and a scheduler call, without the CLI: it backs up, applies
+    retention, records the run on the store, and returns that same record."""
+    from alike_ray import jobs
+    from pipelines.cluster import local_node_id
+    from storage.store import Store
+
+    store = tmp_path / "ads"
+    Store.init(str(store))
+    job = jobs.load(str(write(tmp_path / "direct.toml",
+                              job_text(store, fleet, 'vms = ["web1"]').replace('"nightly"', '"direct"')
+                              + "[retention.onsite]\nkeep_last = 1\n")))
+    said = []
+    runs = [jobs.run(job, jobs.store_for(job), node_id=local_node_id(), say=said.append) for _ in range(2)]
+    assert [r.code for r in runs] == [0, 0]
+    versions = [r.record["vms"][0]["version"] for r in runs]
+    assert [v for _, v in Store.open(str(store)).list_versions("web1")] == [versions[1]]  # keep_last 1
+    assert runs[1].record["retention"]["onsite"]["removed"] == [f"web1@{versions[0]}"]
+    assert any(s.startswith("retention onsite: ") for s in said)  # progress for a log
+    hist = jobs.history(Store.open(str(store)), "direct")
+    assert [h["run_id"] for h in hist] == [r.record["run_id"] for r in reversed(runs)]
+    assert hist[0] == runs[1].record
