@@ -228,6 +228,6 @@ def test_restore_target_checked_before_ray(cli, backed_up, case):
 
 def test_restore_into_read_only_folder_before_ray(cli, backed_up):
     if os.geteuid() == 0:
-        pytest.skip("root may write into a read-only folder")
+        pytest.skip("not applicable: root may write into a read-only folder (a read-only filesystem is tested as root in test_first_user)")
     p = cli("restore", "--store", backed_up / "ads", "web", "--to", backed_up / "ro" / "x.raw")
     only_error(p, 2, "permission denied")
