@@ -5,7 +5,9 @@ restore cases are in test_bad_input.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 
@@ -124,17 +126,26 @@ def test_state_damaged_gc_record(alike, filled, tmp_path):
     store = _copy(filled, tmp_path)
     (store / "gc").mkdir()
     (store / "gc" / "20260101-000000-deadbeef.json").write_text("{not json")
-    _one_error(alike("gc", "--store", store), 2, "gc record")
+    _one_error(alike("gc", "--store", store), 3, "gc record")  # damaged data: repair heals it
     assert (store / "gc" / "20260101-000000-deadbeef.json").exists()
 
 
-def test_state_torn_lock_file_does_not_block(alike, filled, tmp_path, corpus):
-    """A lock object cut short (a crash mid-write on a store without atomic puts) is ignored."""
+def test_state_damaged_lock_counts_until_stale(alike, filled, tmp_path, corpus):
+    """A lock object that fails its check (puts are atomic: only damage tears one) stands for a
+    writer that cannot be named: verify names it, and it counts as live until the object is older
+    than the stale age; then whoever finds it breaks it, with a message, and gc goes on."""
     store = _copy(filled, tmp_path)
     (store / "locks").mkdir(exist_ok=True)
-    (store / "locks" / "writer-torn.json").write_text('{"id": "wri')
-    rep = alike.json("gc", "--store", store, "--grace", "0")
-    assert rep["live_blocks"] > 0
+    torn = store / "locks" / "writer-torn.json"
+    torn.write_text('{"id": "wri')
+    p = alike("verify", "--store", store, "--json")
+    assert p.returncode == 3 and "locks/writer-torn.json" in json.loads(p.stdout)["damaged_objects"], p.stdout
+    old = time.time() - 3600
+    os.utime(torn, (old, old))
+    p = alike("gc", "--store", store, "--grace", "0", "--json")
+    assert p.returncode == 0, p.stderr
+    assert "broke the stale lock" in p.stderr and "damaged" in p.stderr, p.stderr
+    assert json.loads(p.stdout)["live_blocks"] > 0 and not torn.exists()
 
 
 def test_state_damaged_version_json(alike, filled, tmp_path):
@@ -142,11 +153,11 @@ def test_state_damaged_version_json(alike, filled, tmp_path):
     vj = store / "versions" / "web" / filled["version"] / "version.json"
     vj.write_text("{torn")
     before = tree_digest(store)
-    _one_error(alike("restore", "--store", store, "web", "--to", tmp_path / "x.raw"), 3, "does not parse")
+    _one_error(alike("restore", "--store", store, "web", "--to", tmp_path / "x.raw"), 3, "version.json")
     assert not (tmp_path / "x.raw").exists()
     # gc must not take a version it cannot read for one with no blocks: it stops
     p = alike("gc", "--store", store, "--grace", "0")
-    _one_error(p, 3, "does not parse")
+    _one_error(p, 3, "version.json")
     assert tree_digest(store) == before
 
 
