@@ -131,6 +131,7 @@ def _run(store: Store, grace, repack_below, dry_run, wait, on_progress, lock) ->
     orphans = [x for x, (sz, mt) in packs_stat.items() if x not in indexed and mt < cutoff]
     report["orphan_packs"] = len(orphans)
     kept = exists & ~dead & ~sparse
+    report.update(_spared_by_grace(names, exists, live_bytes, packs_stat, indexed, writers, cutoff, now, grace))
     report["packs_kept"] = int(kept.sum())
     report["bytes_kept"] = int(size[kept].sum())
     crash_point("gc-after-plan")
@@ -216,6 +217,23 @@ def read_gc_entries(store: Store, entries_key: str, rec: dict):
     t = read_parquet(store.backend.get(entries_key), f"gc entries {entries_key}", rec.get("entries_blake3"),
                      required=store.strict)
     return segment_arrays(t)
+
+
+def _spared_by_grace(names, exists, live_bytes, packs_stat, indexed, writers, cutoff, now, grace) -> dict:
+    """The unused packs (no live block, or named by no index segment) that are left alone only
+    because they are younger than the grace period: what `--grace 0` would free now. Right
+    after a prune or an interrupted backup every pack is that young, and "deleted 0 packs"
+    alone would say there is nothing to reclaim. -> report fields: how many, their bytes, and
+    when the first and the last of them pass the grace period."""
+    floor = min([now] + [float(w["started"]) - 60 for w in writers])  # the cutoff with --grace 0
+    unused = [str(x) for x in names[exists & (live_bytes == 0)]]
+    unused += [x for x in packs_stat if x not in indexed]
+    young = [x for x in unused if cutoff <= packs_stat[x][1] < floor]
+    times = sorted(packs_stat[x][1] + grace for x in young)
+    return {"grace_seconds": grace, "spared_packs": len(young),
+            "spared_bytes": int(sum(packs_stat[x][0] for x in young)),
+            "spared_reclaimable_from": times[0] if times else None,
+            "spared_reclaimable_by": times[-1] if times else None}
 
 
 def _entries_bytes(h, p, o, n) -> bytes:

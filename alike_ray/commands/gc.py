@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 from storage.errors import InvalidValue
 
@@ -16,6 +17,27 @@ def parse_duration(text: str, what: str) -> float:
     if not m:
         raise InvalidValue(f"{what} {text!r} is not a duration: give a number with s, m, h, d or w (e.g. 30m, 1h, 0)")
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _when(t: float) -> str:
+    """An epoch time as people read it: the local clock time, the date too when not today, and how far off."""
+    lt = time.localtime(t)
+    clock = time.strftime("%H:%M" if lt[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M", lt)
+    left = max(0, int(t - time.time()))
+    off = f"{left // 3600}h {left % 3600 // 60:02d}m" if left >= 3600 else f"{max(1, left // 60)} min"
+    return f"{clock} {time.strftime('%Z', lt)} (in {off})".replace("  ", " ")
+
+
+def _spared_line(rep: dict, dry_run: bool) -> str:
+    """Why gc left unused packs alone and when their space comes back: right after a prune or an
+    interrupted backup everything is younger than the grace period."""
+    grace = rep["grace_seconds"]
+    g = f"{grace / 3600:g}h" if grace >= 3600 else f"{grace / 60:g}m" if grace >= 60 else f"{grace:g}s"
+    first, last = rep["spared_reclaimable_from"], rep["spared_reclaimable_by"]
+    when = f"after {_when(last)}" if last - first < 60 else f"from {_when(first)} on, all after {_when(last)}"
+    return (f"{'would spare' if dry_run else 'spared'} {rep['spared_packs']} unused pack(s) ({_h(rep['spared_bytes'])}) "
+            f"younger than the --grace period ({g}): gc reclaims them {when}; "
+            f"--grace 0 reclaims them now, safe when no backup, vault or prune is writing to this store")
 
 
 def cmd_gc(args) -> int:
@@ -47,6 +69,8 @@ def cmd_gc(args) -> int:
         f"{rep['blocks_repacked']} live blocks ({_h(rep['bytes_repacked'])}) copied",
         f"kept {rep['packs_kept']} packs ({_h(rep['bytes_kept'])})",
     ]
+    if rep.get("spared_packs"):
+        text.append(_spared_line(rep, args.dry_run))
     if rep["packs_rescued"]:
         text.append(f"rescued {rep['packs_rescued']} packs that backups running meanwhile use")
     if rep["orphan_version_folders"] or rep["temp_files"]:
