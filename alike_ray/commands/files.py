@@ -71,21 +71,13 @@ def _ls_line(e) -> str:
     import time
 
     kind = {"dir": "d", "symlink": "l", "file": "-"}.get(e.kind, "?")
-    mode = _rwx(e.mode) if e.mode is not None else "?????????"  # FAT, NTFS: no mode bits
+    mode = e.permissions()  # FAT, NTFS: from the read-only attribute
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime_ns / 1e9)) if e.mtime_ns is not None else "-"
     owner = f"{e.uid}:{e.gid}" if e.uid is not None else "-"
     name = e.name + "/" if e.kind == "dir" else e.name
     if e.target is not None:
         name += f" -> {e.target}"
     return f"{kind}{mode} {owner:>11} {e.size:>12} {when}  {name}"
-
-
-def _rwx(mode: int) -> str:
-    s = ""
-    for shift in (6, 3, 0):
-        bits = (mode >> shift) & 7
-        s += ("r" if bits & 4 else "-") + ("w" if bits & 2 else "-") + ("x" if bits & 1 else "-")
-    return s
 
 
 def _parts(args, lib, disk) -> int:

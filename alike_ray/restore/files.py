@@ -98,12 +98,27 @@ class Entry:
     uid: int | None = None
     gid: int | None = None
     target: str | None = None  # a symlink's target
+    readonly: bool | None = None  # the DOS read-only attribute (FAT, NTFS); None where modes are Unix
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["mtime"] = None if self.mtime_ns is None else self.mtime_ns / 1e9
         d["mode"] = None if self.mode is None else f"{self.mode:04o}"
+        d["permissions"] = self.permissions()
         return d
+
+    def permissions(self) -> str:
+        """`ls -l`'s rwx string: the mode bits where the filesystem has them; on FAT and NTFS,
+        which have only a read-only attribute, what Linux's vfat and ntfs-3g mounts show with
+        the usual umask 022 (folders rwxr-xr-x, files rw-r--r--; read-only: no w)."""
+        if self.mode is not None:
+            mode = self.mode
+        elif self.kind == "dir":
+            mode = 0o555 if self.readonly else 0o755
+        else:
+            mode = 0o444 if self.readonly else 0o644
+        return "".join(("r" if mode >> s & 4 else "-") + ("w" if mode >> s & 2 else "-") + ("x" if mode >> s & 1 else "-")
+                       for s in (6, 3, 0))
 
 
 # -- the disk, read from the store ---------------------------------------------------------------
@@ -259,6 +274,14 @@ def _tsk_type_name(ftype) -> str:
     return _TSK_TYPES.get(int(ftype), f"type {int(ftype):#x}")
 
 
+def _tsk_dos_readonly(mode: int) -> bool:
+    """The DOS read-only attribute of a FAT or NTFS entry. The Sleuth Kit has no field for it
+    but folds the attributes into the mode it reports: read-only clears the three read bits,
+    hidden the three write bits (fatfs_meta.c, ntfs.c; tests/e2e/test_first_user.py pins it
+    with real read-only and hidden files)."""
+    return not mode & 0o444
+
+
 class TskFilesystem(Filesystem):
     def __init__(self, disk: Disk, part: Partition, img, fs):
         super().__init__(disk, part)
@@ -294,11 +317,11 @@ class TskFilesystem(Filesystem):
             target = link.decode("utf-8", "surrogateescape") if isinstance(link, bytes) else link
             if not target:
                 target = f.read_random(0, int(meta.size)).decode("utf-8", "surrogateescape")
-        return Entry(path=path, name=name, kind=kind, size=int(meta.size) if kind == "file" else 0,
+        return Entry(path=path, name=name, kind=kind, size=int(meta.size) if kind in ("file", "dir") else 0,
                      mtime_ns=int(meta.mtime) * 10**9 + int(meta.mtime_nano or 0) if meta.mtime else None,
                      mode=int(meta.mode) & 0o7777 if self.unix else None,
                      uid=int(meta.uid) if self.unix else None, gid=int(meta.gid) if self.unix else None,
-                     target=target)
+                     target=target, readonly=None if self.unix else _tsk_dos_readonly(int(meta.mode)))
 
     def stat(self, path: str) -> Entry:
         e = self._entry(self._open(path), path)
@@ -373,7 +396,7 @@ class XfsFilesystem(Filesystem):
         m = int(fe.file_mode)
         kind = "dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m) else "symlink" if stat.S_ISLNK(m) else "other"
         return Entry(path=path, name=os.path.basename(path) or "/", kind=kind,
-                     size=int(fe.size) if kind == "file" else 0,
+                     size=int(fe.size) if kind in ("file", "dir") else 0,
                      mtime_ns=int(fe.get_modification_time_as_integer()), mode=stat.S_IMODE(m),
                      uid=int(fe.owner_identifier), gid=int(fe.group_identifier),
                      target=fe.symbolic_link_target if kind == "symlink" else None)

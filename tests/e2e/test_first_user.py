@@ -43,3 +43,57 @@ def test_gc_says_what_the_grace_period_spared(alike, pruned):
     assert now["packs_deleted"] == rep["spared_packs"] and now["bytes_deleted"] == rep["spared_bytes"]
     assert now["spared_packs"] == 0
     assert "spared" not in alike("gc", "--store", pruned, check=True).stdout
+
+
+def _dos_attribute_disk(tmp_path) -> str:
+    """A dos-labelled disk: ext4, then FAT and NTFS holding /ro/locked.txt with the DOS
+    read-only attribute and /ro/hidden.txt with the hidden one (set as Windows would: mattrib,
+    ntfs-3g's attribute xattr)."""
+    import os
+    import subprocess
+    import tempfile
+
+    src = tmp_path / "tree"
+    (src / "ro").mkdir(parents=True)
+    for name in ("locked.txt", "hidden.txt", "plain.txt"):
+        (src / "ro" / name).write_bytes(b"x" * 10)
+    ext4 = images.ext4_fs(str(tmp_path / "ext4.fs"), 8, str(src))
+    fat = images.fat_fs(str(tmp_path / "fat.fs"), 16, str(src))
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    for flag, name in (("+r", "locked.txt"), ("+h", "hidden.txt")):
+        subprocess.run(["mattrib", "-i", fat, flag, f"::/ro/{name}"], env=env, check=True)
+    ntfs = images.ntfs_fs(str(tmp_path / "ntfs.fs"), 16, str(src))
+    mnt = tempfile.mkdtemp(prefix="alike-ntfs-")
+    subprocess.run(["ntfs-3g", ntfs, mnt], check=True)
+    try:  # FILE_ATTRIBUTE_READONLY 0x1, HIDDEN 0x2, ARCHIVE 0x20
+        os.setxattr(f"{mnt}/ro/locked.txt", "system.ntfs_attrib_be", (0x21).to_bytes(4, "big"))
+        os.setxattr(f"{mnt}/ro/hidden.txt", "system.ntfs_attrib_be", (0x22).to_bytes(4, "big"))
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        os.rmdir(mnt)
+    return images.partitioned_disk(str(tmp_path / "pc.raw"), "dos", [(ext4, "83"), (fat, "c"), (ntfs, "7")])
+
+
+def test_files_ls_folder_sizes_and_dos_permissions(alike, tmp_path):
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    alike.json("backup", "--store", store, f"image:{_dos_attribute_disk(tmp_path)}", "--name", "pc")
+    for part, fs in ((1, "ext4"), (2, "fat16"), (3, "ntfs")):
+        sel = ["--partition", part, "--store", store]
+        ls = alike("files", "pc", "ls", *sel, check=True).stdout
+        folder = next(x for x in ls.splitlines() if x.endswith(" ro/"))
+        assert "?" not in ls, ls
+        cols = folder.split()
+        assert cols[0] == "drwxr-xr-x" if fs != "ext4" else cols[0].startswith("d"), folder
+        assert int(cols[2]) > 0, f"{fs}: a folder's size is what its filesystem records, as ls -l shows: {folder}"
+        res = alike.json("files", "pc", "ls", "/ro", *sel)
+        perm = {e["name"]: e["permissions"] for e in res["entries"]}
+        if fs == "ext4":
+            assert perm == {n: "rw-r--r--" for n in ("hidden.txt", "locked.txt", "plain.txt")}, perm
+            continue
+        assert perm == {"locked.txt": "r--r--r--", "hidden.txt": "rw-r--r--", "plain.txt": "rw-r--r--"}, (fs, perm)
+        assert {e["name"]: e["readonly"] for e in res["entries"]} == {
+            "locked.txt": True, "hidden.txt": False, "plain.txt": False}
+        assert all(e["mode"] is None for e in res["entries"])  # no Unix mode bits on the disk
+        text = alike("files", "pc", "ls", "/ro", *sel, check=True).stdout
+        assert any(x.startswith("-r--r--r--") and x.endswith("locked.txt") for x in text.splitlines()), text
