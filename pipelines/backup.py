@@ -27,7 +27,7 @@ from storage import patch
 from storage.codec import is_zero
 from storage.index import h32
 from storage.errors import StoreError
-from storage.locks import LockLost, store_lock
+from storage.locks import LockBusy, LockLost, claim_vms, release_vms, store_lock
 from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store, new_version_id
 
@@ -526,10 +526,23 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
     # registered before the index and the previous versions are read (see storage/locks.py)
     lock = store_lock(store.backend, "writer", "backup")
     crash_point("backup-locked")
+    claims = None
     try:
-        return _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock,
-                           current_pool())
+        # one backup of a VM at a time: a second one is refused before anything starts
+        claims = claim_vms(store.backend, lock, [vm for _, vm in jobs])
+        todo = [n for n, (_, vm) in enumerate(jobs) if vm in claims.claimed]
+        done = _run_backup(store_url, [jobs[n] for n in todo], parallel, full, index_actors, on_progress, here,
+                           on_vm, cbt, cpus, lock, current_pool()) if todo else []
+        results = dict(zip(todo, done))
+        for n, (_, vm) in enumerate(jobs):
+            if n not in results:
+                results[n] = {"vm": vm, "error": claims.busy[vm], "exit_code": LockBusy.exit_code}
+                if on_vm:
+                    on_vm(vm, "failed", 0, 0)
+        return [results[n] for n in range(len(jobs))]
     finally:
+        if claims is not None:
+            release_vms(store.backend, lock, claims.claimed)
         lock.release()
 
 

@@ -1,6 +1,7 @@
 """Locks on a store: who writes, and since when (`locks/` in the layout).
 
     locks/<kind>-<id>.json   {"id", "kind", "op", "host", "pid", "started", "heartbeat"}
+    locks/<id>.vm-<hex name> empty: the writer <id> backs up that VM (claim_vms, at the end)
 
 Lock objects are checked JSON (storage/objects.py). A lock whose object fails its check still
 stands for a holder that cannot be named: it counts as live, of the kind its key names, until
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from .errors import DamagedData, ObjectMissing, StoreError
 from .objects import open_json, seal_json
@@ -221,3 +223,81 @@ class NoLock:
 
     def release(self) -> None:
         pass
+
+
+# -- one writer per VM ----------------------------------------------------------------------------
+# Two backups of one VM into one store at once would both commit, two versions seconds apart.
+# A writer claims each VM it backs up: an empty object locks/<its lock id>.vm-<the name in hex>,
+# alive as long as that lock is (its heartbeat, its process), so a killed backup's claims die
+# with its lock and cost nobody a wait. The name holds everything, so the claim has no body to
+# read or check, and read_locks (which reads *.json) never sees it.
+
+@dataclass
+class VMClaims:
+    """What claim_vms got: the VMs this writer now holds, and for each refused one why."""
+
+    claimed: list[str]
+    busy: dict[str, str]
+
+
+def _claim_key(lock_id: str, vm: str) -> str:
+    return f"locks/{lock_id}.vm-{vm.encode().hex()}"
+
+
+def _claims(backend) -> list[tuple[str, str, str]]:
+    """-> (key, lock id, VM) of every VM claim on the store."""
+    out = []
+    for key in backend.list("locks/"):
+        lock_id, sep, name = key[len("locks/"):].partition(".vm-")
+        if not sep:
+            continue
+        try:
+            out.append((key, lock_id, bytes.fromhex(name).decode()))
+        except ValueError:
+            continue
+    return out
+
+
+def claim_vms(backend, lock: "Lock", vms: list[str], settle: float = 3.0) -> VMClaims:
+    """Claim `vms` for the writer holding `lock`. A VM another live writer claimed first is
+    refused, with a message naming that writer. Two that claim at the same moment both write
+    their claim, then look: the one that started later always sees the other's, and backs off
+    at once; the earlier one, seeing a later claim, waits up to `settle` seconds for it to go,
+    and backs off if it stays (that one did not see ours and runs)."""
+    wanted = list(dict.fromkeys(vms))
+    for vm in wanted:
+        backend.put(_claim_key(lock.id, vm), b"")
+    me = (lock.started, lock.id)
+    deadline = time.monotonic() + settle
+    while True:
+        alive = {lk["id"]: lk for lk in live_locks(backend)}
+        busy, later = {}, {}
+        for key, lock_id, vm in _claims(backend):
+            if lock_id == lock.id:
+                continue
+            if lock_id not in alive:
+                backend.delete(key)  # the claim of a writer that is gone
+                continue
+            if vm not in wanted:
+                continue
+            other = alive[lock_id]
+            (busy if (float(other.get("started", 0)), lock_id) < me else later)[vm] = other
+        later = {vm: lk for vm, lk in later.items() if vm not in busy}
+        if not later or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    busy.update(later)
+    for vm in busy:
+        backend.delete(_claim_key(lock.id, vm))
+    why = {vm: f"{vm} is being backed up into this store already by {describe(lk)}: this backup of {vm} "
+               f"was refused, nothing was written; run it when that one has finished"
+           for vm, lk in busy.items()}
+    return VMClaims(claimed=[vm for vm in wanted if vm not in busy], busy=why)
+
+
+def release_vms(backend, lock: "Lock", vms: list[str]) -> None:
+    for vm in vms:
+        try:
+            backend.delete(_claim_key(lock.id, vm))
+        except Exception:  # the lock's own release, or its staleness, ends the claim anyway
+            pass

@@ -97,3 +97,49 @@ def test_files_ls_folder_sizes_and_dos_permissions(alike, tmp_path):
         assert all(e["mode"] is None for e in res["entries"])  # no Unix mode bits on the disk
         text = alike("files", "pc", "ls", "/ro", *sel, check=True).stdout
         assert any(x.startswith("-r--r--r--") and x.endswith("locked.txt") for x in text.splitlines()), text
+
+
+def test_second_backup_of_a_vm_is_refused_naming_the_first(alike, tmp_path):
+    """Two real CLI backups of one VM into one store: the second is refused at once, naming
+    the first, while the first runs on (held still with SIGSTOP once it has claimed the VM, so
+    that no timing decides the test) and commits."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    img = images.random_image(tmp_path / "web.raw", 8)
+    first = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "backup", "--store", str(store), f"image:{img}",
+                              "--name", "web", "--json"], env=dict(os.environ, RAY_ADDRESS=alike.address),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    claim = f".vm-{b'web'.hex()}"
+    try:
+        deadline = time.monotonic() + 240
+        while not (store / "locks").is_dir() or not any(n.endswith(claim) for n in os.listdir(store / "locks")):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first backup never claimed its VM"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = alike("backup", "--store", store, f"image:{img}", "--name", "web")
+            other = alike("backup", "--store", store, f"image:{img}", "--name", "db", "--json")
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("alike: error: web is being backed up into this store already "
+                                                       f"by backup (pid {first.pid} on {socket.gethostname()}, since "), lines
+        assert other.returncode == 0, other.stderr  # another VM is not held up
+        out, err = first.communicate(timeout=240)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert [v["vm"] for v in alike.json("versions", "--store", store)["versions"]].count("web") == 1
+    assert not [n for n in os.listdir(store / "locks") if ".vm-" in n], "claims left behind"
+    alike.json("backup", "--store", store, f"image:{img}", "--name", "web")  # free again
