@@ -23,7 +23,7 @@ def _connect(uri: str):
     try:
         import libvirt
     except ImportError:
-        raise HypervisorError("libvirt-python is not installed: pip install libvirt-python (needs libvirt-dev)") from None
+        raise HypervisorError("libvirt-python is not installed: pip install 'alike-ray[kvm]' (needs libvirt-dev)") from None
     libvirt.registerErrorHandler(lambda *a: None, None)
     try:
         return libvirt, libvirt.open(uri)

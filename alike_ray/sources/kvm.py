@@ -76,8 +76,8 @@ def _libvirt():
     try:
         import libvirt
     except ImportError:
-        raise SourceError("the kvm: source needs the libvirt Python binding: pip install libvirt-python "
-                          "(it builds against libvirt-dev and pkg-config)") from None
+        raise SourceError("the kvm: source needs the libvirt Python binding: pip install 'alike-ray[kvm]' "
+                          "(libvirt-python; it builds against libvirt-dev and pkg-config)") from None
     libvirt.registerErrorHandler(lambda *a: None, None)  # errors come as exceptions, not on stderr
     return libvirt
 

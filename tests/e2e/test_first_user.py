@@ -143,3 +143,21 @@ def test_second_backup_of_a_vm_is_refused_naming_the_first(alike, tmp_path):
     assert [v["vm"] for v in alike.json("versions", "--store", store)["versions"]].count("web") == 1
     assert not [n for n in os.listdir(store / "locks") if ".vm-" in n], "claims left behind"
     alike.json("backup", "--store", store, f"image:{img}", "--name", "web")  # free again
+
+
+def test_kvm_and_all_extras():
+    """`pip install 'alike-ray[kvm]'` and `[all]` bring libvirt-python, and the README says so."""
+    import os
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    for name in ("kvm", "all"):
+        reqs = [Requirement(r) for r in extras[name]]  # what pip parses
+        assert "libvirt-python" in {r.name for r in reqs}, extras
+    assert set(extras["kvm"]) <= set(extras["all"])
+    readme = open(os.path.join(root, "README.md")).read()
+    assert "alike-ray[kvm]" in readme and "alike-ray[all]" in readme
