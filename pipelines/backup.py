@@ -503,6 +503,30 @@ class SnapshotActor:
         self._flush(stats, wait=True)
 
 
+def _abandon(running: dict) -> None:
+    """Stop the snapshot actors of runs this driver gives up (never reused), before the index
+    shards go: left running, they would fail on the stopped shards, and Ray prints an error
+    nobody retrieved ("Unhandled error ... ActorDiedError") after our one line. Their results
+    are then taken, so that Ray reports none of them either."""
+    for _, _, _, actor in running.values():
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone
+            pass
+    refs = list(running)
+    if not refs:
+        return
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=10)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # the ActorDiedError we caused, or what the run had already hit
+                pass
+    except Exception:
+        pass
+
+
 def _report_phases(on_vm, vm: str, prog, reported: dict) -> None:
     done, total, phases = prog
     for ph in phases[reported.get(vm, 0):]:
@@ -604,11 +628,9 @@ def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     pass  # a dying actor: its run's result tells what happened
         crash_point("backup-result")
-    except BaseException:
+    except BaseException:  # Ctrl-C, or an error of our own: the runs still going are abandoned
         healthy = False
-        if pool is not None:  # a long-lived driver: stop what this backup still runs (never reused)
-            for _, _, _, actor in running.values():
-                ray.kill(actor)
+        _abandon(running)
         raise
     finally:
         if pool is not None:

@@ -161,3 +161,47 @@ def test_kvm_and_all_extras():
     assert set(extras["kvm"]) <= set(extras["all"])
     readme = open(os.path.join(root, "README.md")).read()
     assert "alike-ray[kvm]" in readme and "alike-ray[all]" in readme
+
+
+def _wait_for(path, proc, what: str) -> None:
+    import os
+    import time
+
+    deadline = time.monotonic() + 240
+    while not os.path.exists(path):
+        assert proc.poll() is None, (what, proc.communicate())
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_of_a_backup_is_one_line_and_exit_130(alike, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while a backup's worker is
+    in the middle of the data (held there by a pause point): the one "interrupted" line, exit
+    130, no traceback of Ray's (ActorDiedError, "Unhandled error"), nothing committed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store, "--block-size", "64K")
+    img = images.random_image(tmp_path / "web.raw", 4)
+    flag = tmp_path / "paused"
+    env = dict(os.environ, RAY_ADDRESS=alike.address, ALIKE_CRASH_AT="absorbed", ALIKE_CRASH_HOW="pause",
+               ALIKE_CRASH_FLAG=str(flag))
+    p = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "backup", "--store", str(store), f"image:{img}",
+                          "--name", "web"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_for(flag, p, "the backup reaching its data")
+        os.killpg(p.pid, signal.SIGINT)
+        flag.unlink()  # the worker goes on, into the index shards the interrupted driver stops
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        flag.unlink(missing_ok=True)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == ["alike: interrupted; nothing partial was committed"], err
+    assert alike.json("versions", "--store", store)["versions"] == []
