@@ -115,7 +115,25 @@ def main(argv=None) -> int:
             print(f"alike: error: {e.message}", file=sys.stderr)
             return int(e.exit_code)
     _guard_stdout()
-    return run_args(args)
+    code = run_args(args)
+    _stop_ray()
+    return code
+
+
+def _stop_ray() -> None:
+    """Leave Ray now, Ctrl-C ignored: the command has ended and said so, and a Ctrl-C during
+    Ray's own exit handler (which stops a local instance's processes) would only print its
+    traceback ("Exception ignored in atexit callback ... KeyboardInterrupt") after our line."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    except Exception:  # nothing of ours is left to lose; the exit code is already decided
+        pass
 
 
 def run_args(args) -> int:
