@@ -425,8 +425,12 @@ def retention_text(entry: dict) -> str:
         return f"FAILED: {entry['error']}"
     if "skipped" in entry:
         return f"skipped: {entry['skipped']}"
-    return (f"removed {len(entry['removed'])} version(s), kept {entry['kept']}"
-            + (f" ({', '.join(entry['removed'])}; `alike gc` reclaims the space)" if entry["removed"] else ""))
+    # the count kept first and the removed ids after "removed N:", so that no one reads the ids
+    # listed as the kept ones
+    if not entry["removed"]:
+        return f"kept {entry['kept']}, removed none"
+    return (f"kept {entry['kept']}, removed {len(entry['removed'])}: {', '.join(entry['removed'])} "
+            "(`alike gc` reclaims their space)")
 
 
 def run_notes(record: dict) -> list[str]:

@@ -21,8 +21,12 @@ def cmd_job_preview(args) -> int:
         out(json.dumps({"job": job.name, "vms": rows, "missing": missing}))
     else:
         out(f"job {job.name}: {len(rows)} VM(s) would be backed up now")
+        if rows:
+            out(f"  {'VM':<24} {'POWER':<10} {'DISKS':<8} TAGS")
         for r in rows:
-            out(f"  {r['vm']:<24} {r['state']:<10} {r['disks']} disk(s)  {', '.join(r['tags'])}")
+            out(f"  {r['vm']:<24} {r['state']:<10} {r['disks']:<8} {', '.join(r['tags'])}".rstrip())
+        if any(r["state"] == "n/a" for r in rows):
+            out("  (POWER n/a: a disk image file has no power state)")
         for m, why in missing.items():
             out(f"  {m:<24} UNAVAILABLE: {why}")
     if not rows and not missing:

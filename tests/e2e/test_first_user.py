@@ -205,3 +205,35 @@ def test_ctrl_c_of_a_backup_is_one_line_and_exit_130(alike, tmp_path):
     assert p.returncode == 130, err
     assert err.strip().splitlines() == ["alike: interrupted; nothing partial was committed"], err
     assert alike.json("versions", "--store", store)["versions"] == []
+
+
+def test_versions_mark_pins_and_job_preview_labels_its_columns(alike, tmp_path):
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    img = images.random_image(tmp_path / "web.raw", 1)
+    old = alike.json("backup", "--store", store, f"image:{img}", "--name", "web")["version"]
+    new = alike.json("backup", "--store", store, f"image:{img}", "--name", "web")["version"]
+    alike("pin", f"web@{old}", "--note", "before the upgrade", "--store", store, check=True)
+    rows = {r["version"]: r for r in alike.json("versions", "--store", store)["versions"]}
+    assert rows[new]["pinned"] is None
+    assert rows[old]["pinned"]["note"] == "before the upgrade" and rows[old]["pinned"]["since"]
+    lines = alike("versions", "--store", store, check=True).stdout.splitlines()
+    assert lines[0].split()[-1] == "PINNED"
+    assert next(x for x in lines if old in x).endswith("pinned: before the upgrade")
+    assert "pinned" not in next(x for x in lines if new in x)
+
+    job = tmp_path / "daily.toml"
+    job.write_text(f'name = "daily"\nstore = "{store}"\nsources = [{{uri = "image:{img}", name = "web", '
+                   'tags = ["prod"]}]\n')
+    text = alike("job", "preview", job, check=True).stdout.splitlines()
+    assert text[1].split() == ["VM", "POWER", "DISKS", "TAGS"], text
+    assert text[2].split() == ["web", "n/a", "1", "prod"], text
+    assert "n/a: a disk image file has no power state" in text[3], text
+
+
+def test_job_retention_line_names_the_removed_as_removed():
+    from alike_ray.jobs import retention_text
+
+    line = retention_text({"removed": ["db@20260101-000000-000", "web@20260101-000000-000"], "kept": 6})
+    assert line.startswith("kept 6, removed 2: db@20260101-000000-000, web@20260101-000000-000 ")
+    assert retention_text({"removed": [], "kept": 3}) == "kept 3, removed none"

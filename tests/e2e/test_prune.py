@@ -131,7 +131,7 @@ def test_job_retention_keeps_two_per_vm(alike, tmp_path):
     hist = alike.json("job", "history", "--store", store, "--job", "daily")["runs"]
     assert hist[0]["run_id"] == runs[2]["run_id"] and hist[0]["retention"]["onsite"]["kept"] == 4
     text = alike("job", "history", "--store", store).stdout
-    assert "retention onsite: removed 2 version(s), kept 4" in text and "validate: ok" in text
+    assert "retention onsite: kept 4, removed 2: " in text and "validate: ok" in text
     # offsite retention (the old `offsite = N` shorthand) prunes the vault_to store
     assert [len(r["retention"]["offsite"]["removed"]) for r in runs] == [0, 2, 2]
     for vm in ("web", "db"):
