@@ -237,3 +237,42 @@ def test_job_retention_line_names_the_removed_as_removed():
     line = retention_text({"removed": ["db@20260101-000000-000", "web@20260101-000000-000"], "kept": 6})
     assert line.startswith("kept 6, removed 2: db@20260101-000000-000, web@20260101-000000-000 ")
     assert retention_text({"removed": [], "kept": 3}) == "kept 3, removed none"
+
+
+def test_stats_names_each_figure(alike, corpus, tmp_path, s3_bucket):
+    """Two VMs of one sparse 64 MiB disk (12 MiB of files): the dedup ratio is reckoned on the
+    blocks with data, not on the holes; blocks used by versions and blocks in the index are two
+    figures (they differ after a prune, until gc); per-VM and free-space lines; S3: n/a."""
+    import shutil
+
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    for vm in ("web", "web-copy"):
+        alike.json("backup", "--store", store, f"image:{corpus['web']}", "--name", vm)
+    img = images.random_image(tmp_path / "tmp.raw", 1)
+    alike.json("backup", "--store", store, f"image:{img}", "--name", "tmp")
+    alike.json("backup", "--store", store, f"image:{images.random_image(tmp_path / 'tmp2.raw', 1)}", "--name", "tmp")
+    s = alike.json("stats", "--store", store)
+    assert s["logical_bytes"] == 2 * 64 * images.MiB + 2 * images.MiB
+    web = {v["vm"]: v for v in s["per_vm"]}["web"]
+    assert web["logical_bytes"] == 64 * images.MiB and web["versions"] == 1
+    assert 12 * images.MiB <= web["data_bytes"] < 64 * images.MiB  # holes and zero blocks do not count
+    assert s["data_bytes"] == 2 * web["data_bytes"] + 2 * images.MiB
+    assert s["dedup_ratio"] == round(s["data_bytes"] / s["stored_bytes"], 2)
+    assert s["dedup_ratio"] < s["logical_bytes"] / s["stored_bytes"]  # what it said before, holes counted
+    assert s["referenced_blocks"] == s["index_blocks"]
+    assert abs(s["free_bytes"] - shutil.disk_usage(store).free) < 64 * images.MiB
+
+    alike.json("prune", "--store", store, "--keep-last", "1")  # tmp's first version goes
+    s = alike.json("stats", "--store", store)
+    assert s["referenced_blocks"] < s["index_blocks"]
+    gc = alike.json("gc", "--store", store, "--grace", "0")
+    assert gc["live_blocks"] == s["referenced_blocks"]
+    text = alike("stats", "--store", store, check=True).stdout
+    assert "data / stored" in text and "used by versions" in text and "free on the filesystem of" in text
+    assert any(x.split()[:2] == ["web-copy", "1"] for x in text.splitlines()), text
+
+    endpoint, bucket = s3_bucket
+    alike.json("init", "--store", f"s3://{bucket}/ods", "--endpoint", endpoint)
+    s3 = alike.json("stats", "--store", f"s3://{bucket}/ods", "--endpoint", endpoint)
+    assert s3["free_bytes"] is None and s3["free_note"].startswith("n/a")
