@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import ray
 
-from storage.errors import DamagedData, ObjectMissing, StoreError, StoreFull
+from storage.errors import DamagedData, ObjectMissing, RestoreTargetFull, StoreError
 from storage import patch
 from storage.index import h32
 from storage.locks import store_lock
@@ -116,9 +116,7 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
                     os.pwrite(fd, block, int(blocks[k]) * bs)
                     written += len(block)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(os.path.dirname(paths[0]) or ".") from None
-        raise
+        raise _target_error(e, paths[0]) from None
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -184,6 +182,88 @@ def plan(store: Store, index: IndexClient, vm: str, version: str, disks: list[in
     return meta, {k: v[order] for k, v in rows.items()}
 
 
+def _target_error(e: OSError, path: str) -> StoreError:
+    """A restore target that cannot be written: one line naming it (no space: exit 4)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RestoreTargetFull(os.path.dirname(os.path.abspath(path)))
+    return RestoreError(f"cannot write the restore target {path}: {e.strerror or e}")
+
+
+def _abandon(refs: list) -> None:
+    """Take the results of the write tasks of a restore that failed or was interrupted: the
+    others fail the same way (a full disk), and Ray would print each error nobody retrieved
+    ("Unhandled error") after our one line."""
+    if not refs:
+        return
+    try:
+        for r in refs:
+            ray.cancel(r)
+        ray.wait(refs, num_returns=len(refs), timeout=10)
+        for r in refs:
+            try:
+                ray.get(r, timeout=0)
+            except Exception:
+                pass
+    except Exception:
+        pass
+
+
+def data_bytes(store: Store, vm: str, version: str, disks: list[int]) -> list[int]:
+    """-> the bytes each disk's blocks with data take in a sparse raw file (holes and zero
+    blocks are never written): what a restore needs on the target's filesystem."""
+    meta = store.read_version(vm, version)
+    out = []
+    for n in disks:
+        d = meta["disks"][n]
+        try:
+            m = store.read_manifest(vm, version, d["manifest"])
+        except ObjectMissing:
+            out.append(0)  # plan() says it is damaged, with the repair to run
+            continue
+        out.append(min(len(m.blocks) * store.block_size, int(d["size"])))
+    return out
+
+
+def check_targets(store: Store, vm: str, version: str, disks: list[int], targets: list[str],
+                  copies: int = 1) -> None:
+    """Before any data moves: each target is a file path (not a folder) in a folder that
+    exists and may be written, and the folders have room for the disks' data (`copies` times:
+    a qcow2/vhd/vhdx restore writes a raw file, then the converted one). A target that exists
+    is only replaced once the restore is whole: its space does not count as free."""
+    import shutil
+
+    for t in targets:
+        if os.path.isdir(t):
+            raise RestoreError(f"{t} is a folder: give the path of a file to write (e.g. {os.path.join(t, 'disk.raw')})")
+        folder = os.path.dirname(os.path.abspath(t))
+        if not os.path.isdir(folder):
+            raise RestoreError(f"folder {folder} does not exist: create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RestoreError(f"cannot write in folder {folder}: "
+                               f"{'it is on a read-only filesystem' if _read_only(folder) else 'permission denied'} "
+                               "(choose another target)")
+    need: dict[int, list] = {}  # per filesystem: its free bytes, the bytes wanted, a folder on it
+    for t, n in zip(targets, data_bytes(store, vm, version, disks)):
+        folder = os.path.dirname(os.path.abspath(t))
+        dev = os.stat(folder).st_dev
+        entry = need.setdefault(dev, [shutil.disk_usage(folder).free, 0, folder])
+        entry[1] += n * copies
+    for free, want, folder in need.values():
+        if want > free:
+            raise RestoreTargetFull(f"{folder}: the restore needs {_h(want)}, {_h(free)} are free")
+
+
+def _read_only(folder: str) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def _h(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def run_restore(store_url: str, vm: str, version: str | None, targets: list[str], force: bool = False,
                 on_progress=None, node_id: str | None = None, index_actors: int = 1,
                 disks: list[int] | None = None) -> dict:
@@ -205,7 +285,9 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
         folder = os.path.dirname(os.path.abspath(t))
         if not os.path.isdir(folder):
             raise RestoreError(f"folder {folder} does not exist: create it first")
+    check_targets(store, vm, version, disks, targets)
     here = pin_here(node_id)
+    refs, whole = [], False
     lock = store_lock(store.backend, "reader", "restore")  # before the index is read
     index = LocalIndex(store_url)
     tmps = [os.path.join(os.path.dirname(os.path.abspath(t)), f".{os.path.basename(t)}.alike-{uuid.uuid4().hex[:8]}")
@@ -242,6 +324,7 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
             os.fsync(fd)
             os.close(fd)
             os.replace(tmp, t)
+        whole = True
         return {"vm": vm, "version": version, "targets": targets, "logical_bytes": total,
                 "written_bytes": done, "blocks": int(len(rows["block"]))}
     except ray.exceptions.RayTaskError as e:
@@ -250,10 +333,10 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
             raise cause from None
         raise
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(os.path.dirname(os.path.abspath(targets[0]))) from None
-        raise
+        raise _target_error(e, e.filename or targets[0]) from None
     finally:
+        if not whole:
+            _abandon(refs)
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.unlink(tmp)

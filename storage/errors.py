@@ -49,5 +49,11 @@ class StoreFull(StoreError):
     exit_code = 4
 
 
+class RestoreTargetFull(StoreError):
+    """No space left for the restore on {detail}: free space there or restore elsewhere (nothing of this restore was left there; the store is unchanged)."""
+
+    exit_code = 4
+
+
 class UnknownVersion(StoreError):
     """{detail}"""

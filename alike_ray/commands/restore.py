@@ -73,6 +73,10 @@ def cmd_restore(args) -> int:
                 raise StoreError(f"{t} exists: choose another target or pass --force to overwrite it")
         else:
             _checks.output_file(t, args.force)
+    from pipelines.restore import check_targets
+
+    # room for the data before Ray starts (qcow2, vhd, vhdx: a raw file first, then the converted one)
+    check_targets(st, vm, version, disks, targets, copies=1 if fmt == "raw" else 2)
     raws = targets if fmt == "raw" else [f"{t}.alike-raw" for t in targets]
     _connect(args)
     bar = Progress("restore")

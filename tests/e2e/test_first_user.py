@@ -276,3 +276,88 @@ def test_stats_names_each_figure(alike, corpus, tmp_path, s3_bucket):
     alike.json("init", "--store", f"s3://{bucket}/ods", "--endpoint", endpoint)
     s3 = alike.json("stats", "--store", f"s3://{bucket}/ods", "--endpoint", endpoint)
     assert s3["free_bytes"] is None and s3["free_note"].startswith("n/a")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, size, read_only=False) -> a folder on a tmpfs of its own (a real full or
+    read-only filesystem: chmod would not stop root); unmounted after the test."""
+    import subprocess
+
+    mounted = []
+
+    def mount(name, size, read_only=False):
+        d = tmp_path / name
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "alike-test", str(d)], capture_output=True, text=True)
+        if p.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def one_error(p, code):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("alike: error: "), p.stderr
+    assert "Traceback" not in p.stderr and "Unhandled error" not in p.stderr
+    return lines[0]
+
+
+def test_restore_targets_that_cannot_take_it(alike, tmp_path, tmpfs):
+    """A read-only folder, an existing folder with --force, a filesystem too small: refused
+    before any data moves, one line each; a disk that fills during the restore: the restore's
+    own wording (not the backup's "Nothing partial was committed"), no Ray error after it."""
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    img = images.random_image(tmp_path / "web.raw", 4)
+    alike.json("backup", "--store", store, f"image:{img}", "--name", "web")
+
+    ro = tmpfs("ro", "1m", read_only=True)
+    line = one_error(alike("restore", "--store", store, "web", "--to", ro / "web.raw"), 2)
+    assert str(ro) in line
+
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    line = one_error(alike("restore", "--store", store, "web", "--to", folder, "--force"), 2)
+    assert "is a folder" in line and folder.is_dir()
+
+    small = tmpfs("small", "2m")
+    line = one_error(alike("restore", "--store", store, "web", "--to", small / "web.raw"), 4)
+    assert "No space left for the restore on" in line and "needs 4.0 MiB" in line and "committed" not in line
+    line = one_error(alike("restore", "--store", store, "web", "--to", small / "web.qcow2"), 4)
+    assert "needs 8.0 MiB" in line  # the raw file, then the qcow2 one
+    assert os.listdir(small) == []
+
+    # room when checked, none once the writes begin (held at the first write task, then filled)
+    full = tmpfs("full", "8m")
+    flag = tmp_path / "paused"
+    env = dict(os.environ, RAY_ADDRESS=alike.address, ALIKE_CRASH_AT="restore-task", ALIKE_CRASH_HOW="pause",
+               ALIKE_CRASH_FLAG=str(flag))
+    p = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "restore", "--store", str(store), "web", "--to",
+                          str(full / "web.raw")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(flag, p, "the restore's first write")
+        with open(full / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\xff" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+    finally:
+        flag.unlink(missing_ok=True)
+        out, err = p.communicate(timeout=240)
+    p.stderr = err
+    line = one_error(p, 4)
+    assert "No space left for the restore on" in line and "committed" not in line, line
+    assert os.listdir(full) == ["filler"]
