@@ -177,7 +177,7 @@ def _wait_for(path, proc, what: str) -> None:
 def test_ctrl_c_of_a_backup_is_one_line_and_exit_130(alike, tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) while a backup's worker is
     in the middle of the data (held there by a pause point): the one "interrupted" line, exit
-    130, no traceback of Ray's (ActorDiedError, "Unhandled error"), nothing committed."""
+    130, no traceback of Ray's (ActorDiedError, "Unhandled error"), nothing partial committed."""
     import os
     import signal
     import subprocess
@@ -204,7 +204,10 @@ def test_ctrl_c_of_a_backup_is_one_line_and_exit_130(alike, tmp_path):
         flag.unlink(missing_ok=True)
     assert p.returncode == 130, err
     assert err.strip().splitlines() == ["alike: interrupted; nothing partial was committed"], err
-    assert alike.json("versions", "--store", store)["versions"] == []
+    # the worker, let go at the Ctrl-C, may have committed its version whole just before it was
+    # stopped; what must never be is a partial one
+    assert len(alike.json("versions", "--store", store)["versions"]) <= 1
+    assert alike.json("verify", "--store", store)["ok"]
 
 
 def test_versions_mark_pins_and_job_preview_labels_its_columns(alike, tmp_path):
