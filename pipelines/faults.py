@@ -4,8 +4,8 @@ as a power cut or OOM kill would) the n-th time (default 1st) it reaches `point`
 before, and its presence disarms the point (so a retried Ray task then succeeds). Unset in
 production, where `crash_point` is one dictionary lookup.
 
-`ALIKE_CRASH_HOW=pause` (with ALIKE_CRASH_FLAG) holds the process there instead: it creates the
-flag file and sleeps until the file is removed, so that a test can act (send a Ctrl-C, start a
+`ALIKE_CRASH_AT=point:n:pause` (with ALIKE_CRASH_FLAG) holds the process there instead, once: it
+creates the flag file and sleeps until the file is removed, so that a test can act (send a Ctrl-C, start a
 second run) while a run is known to be at that point, with no timing involved."""
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ def crash_point(name: str) -> None:
     spec = os.environ.get("ALIKE_CRASH_AT")
     if not spec:
         return
-    point, _, nth = spec.partition(":")
+    point, _, rest = spec.partition(":")
+    nth, _, how = rest.partition(":")
     if point != name:
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] < int(nth or 1):
         return
-    pause = os.environ.get("ALIKE_CRASH_HOW") == "pause"
+    pause = how == "pause"
     if pause and _seen[name] > int(nth or 1):
         return  # held once: the run then goes on
     flag = os.environ.get("ALIKE_CRASH_FLAG")

@@ -187,7 +187,7 @@ def test_ctrl_c_of_a_backup_is_one_line_and_exit_130(alike, tmp_path):
     alike.json("init", "--store", store, "--block-size", "64K")
     img = images.random_image(tmp_path / "web.raw", 4)
     flag = tmp_path / "paused"
-    env = dict(os.environ, RAY_ADDRESS=alike.address, ALIKE_CRASH_AT="absorbed", ALIKE_CRASH_HOW="pause",
+    env = dict(os.environ, RAY_ADDRESS=alike.address, ALIKE_CRASH_AT="absorbed:1:pause",
                ALIKE_CRASH_FLAG=str(flag))
     p = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "backup", "--store", str(store), f"image:{img}",
                           "--name", "web"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -344,7 +344,7 @@ def test_restore_targets_that_cannot_take_it(alike, tmp_path, tmpfs):
     # room when checked, none once the writes begin (held at the first write task, then filled)
     full = tmpfs("full", "8m")
     flag = tmp_path / "paused"
-    env = dict(os.environ, RAY_ADDRESS=alike.address, ALIKE_CRASH_AT="restore-task", ALIKE_CRASH_HOW="pause",
+    env = dict(os.environ, RAY_ADDRESS=alike.address, ALIKE_CRASH_AT="restore-task:1:pause",
                ALIKE_CRASH_FLAG=str(flag))
     p = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "restore", "--store", str(store), "web", "--to",
                           str(full / "web.raw")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
