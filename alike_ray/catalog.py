@@ -35,7 +35,7 @@ def _disk_figures(store: Store, vm: str, version: str, meta: dict) -> tuple[int,
     bs = store.block_size
     data, blobs = 0, [np.zeros(0, "S32")]
     for d in meta.get("disks", []):
-        m = store.read_manifest(vm, version, d["manifest"])
+        m = store.read_manifest(vm, version, d)
         size = int(d.get("size", 0))
         n = len(m.blocks)
         data += n * bs

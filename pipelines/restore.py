@@ -216,7 +216,7 @@ def data_bytes(store: Store, vm: str, version: str, disks: list[int]) -> list[in
     for n in disks:
         d = meta["disks"][n]
         try:
-            m = store.read_manifest(vm, version, d["manifest"])
+            m = store.read_manifest(vm, version, d)
         except ObjectMissing:
             out.append(0)  # plan() says it is damaged, with the repair to run
             continue
