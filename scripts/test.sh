@@ -29,4 +29,4 @@ if [ "$(id -u)" = 0 ]; then
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 export RAY_USAGE_STATS_ENABLED=0
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider --durations=25 "$@"
