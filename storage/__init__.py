@@ -9,6 +9,7 @@ Layout (identical on a directory and on S3, so that an ODS is a copy of an ADS):
                                 block also base, delta, granule mask: storage/patch.py), version.json last
                                 (it names each manifest with its BLAKE3)
     locks/<kind>-<id>.json      who writes or reads, and since when (storage/locks.py)
+    locks/<id>.vm-<hex name>    empty: that writer backs up that VM (one backup of a VM at a time)
     pins/<vm>/<version>.json    pinned versions: never pruned
     gc/<id>.json (+.entries)    a gc's condemned packs, until its sweep is done (pipelines/gc.py)
     validation/<time>-<blake3>  packs found intact by verify, and when (append-only)
