@@ -78,6 +78,8 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     crash_point("restore-task")
+    if not all(os.path.exists(p) for p in paths):  # the restore was given up: its files are gone
+        return 0
     store = Store.open_cached(store_url)
     codec, bs = store.codec, store.block_size
     fds = {}
@@ -192,14 +194,15 @@ def _target_error(e: OSError, path: str) -> StoreError:
 def _abandon(refs: list) -> None:
     """Take the results of the write tasks of a restore that failed or was interrupted: the
     others fail the same way (a full disk), and Ray would print each error nobody retrieved
-    ("Unhandled error") after our one line."""
+    ("Unhandled error") after our one line. Call it once the temporary files are gone: tasks
+    that start then return at once (restore_batch), so the wait is at most the running batches.
+    No ray.cancel: cancelling tasks while they complete trips a check in Ray 2.60's task manager
+    ("Tried to complete task that was not pending") that kills the driver after our line."""
     if not refs:
         return
     try:
-        for r in refs:
-            ray.cancel(r)
-        ray.wait(refs, num_returns=len(refs), timeout=10)
-        for r in refs:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+        for r in ready:
             try:
                 ray.get(r, timeout=0)
             except Exception:
@@ -335,11 +338,11 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
     except OSError as e:
         raise _target_error(e, e.filename or targets[0]) from None
     finally:
-        if not whole:
-            _abandon(refs)
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        if not whole:
+            _abandon(refs)
         try:
             index.shutdown()
         except Exception:

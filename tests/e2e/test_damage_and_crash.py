@@ -56,7 +56,7 @@ def test_flipped_byte_in_pack(alike, corpus, tmp_path):
     assert p.returncode == 3 and f"web@{web['version']} disk web.raw" in p.stdout
 
     p = alike("restore", "--store", store, "web", "--to", tmp_path / "out.raw")
-    assert p.returncode == 3 and "Damaged data" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 3 and "Damaged data" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "out.raw").exists()
     assert [f for f in os.listdir(tmp_path) if "out.raw" in f] == []
     # the intact VM still restores
