@@ -115,9 +115,15 @@ def main(argv=None) -> int:
             print(f"alike: error: {e.message}", file=sys.stderr)
             return int(e.exit_code)
     _guard_stdout()
-    code = run_args(args)
+    return run_args(args)
+
+
+def entry() -> None:
+    """The `alike` program: main(), then leave Ray before the interpreter exits. (main() itself
+    leaves Ray as it is: callers in a process of their own, the tests among them, keep theirs.)"""
+    code = main()
     _stop_ray()
-    return code
+    sys.exit(code)
 
 
 def _stop_ray() -> None:
@@ -153,4 +159,4 @@ def run_args(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
