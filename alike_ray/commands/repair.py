@@ -21,12 +21,17 @@ unchanged), 2 for bad input. --dry-run only lists what would be fetched."""
 def cmd_repair(args) -> int:
     from pipelines.repair import open_pair, run_repair
     from storage.backend import store_spec
+    from storage.errors import DamagedData
 
     from ..config import store_url
 
     url = store_url(args)
     other = store_spec(args.source, args.from_endpoint or args.endpoint, args.from_profile or args.profile)
-    open_pair(url, other)  # before Ray starts: both stores, and that one can heal the other
+    try:
+        open_pair(url, other)  # before Ray starts: both stores, and that one can heal the other
+    except DamagedData as e:
+        if "config.json" not in e.detail:  # a damaged config.json is what the repair writes again
+            raise
     _connect(args)
     bar = Progress("repair", unit="block")
 
