@@ -201,7 +201,7 @@ def _abandon(refs: list) -> None:
     if not refs:
         return
     try:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
         for r in ready:
             try:
                 ray.get(r, timeout=0)
