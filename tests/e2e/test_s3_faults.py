@@ -28,6 +28,8 @@ import uuid
 import boto3
 import pytest
 
+from storage.store import FORMAT
+
 from tests.faultproxy import FaultProxy
 
 
@@ -267,7 +269,7 @@ def test_wrong_credentials(alike, auth_s3):
     p = alike("init", "--store", store, *e, "--json", env=good)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["store"] == store
-    assert json.loads(client.get_object(Bucket=bucket, Key="config.json")["Body"].read())["format"] == 1
+    assert json.loads(client.get_object(Bucket=bucket, Key="config.json")["Body"].read())["format"] == FORMAT
     outputs.append(p)
 
     wrong_secret = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": WRONG_SECRET}
