@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import ssl
 import tarfile
 import time
 import xmlrpc.client
@@ -26,7 +25,7 @@ from urllib.parse import urlencode, urlparse
 from storage.errors import RestoreTargetFull, StoreError
 
 from ..sources import SourceError
-from ..sources.xen import Api, _int, load_credentials
+from ..sources.xen import Api, _int, https_context, load_credentials
 
 NULL = "OpaqueRef:NULL"
 
@@ -165,7 +164,7 @@ class XenTarget:
         u = urlparse(api.url)
         if u.scheme == "https":
             return http.client.HTTPSConnection(u.hostname, u.port or 443, blocksize=1 << 20,
-                                               context=ssl.create_default_context(cafile=self.ca_bundle))
+                                               context=https_context(self.ca_bundle))
         return http.client.HTTPConnection(u.hostname, u.port or 80, blocksize=1 << 20)
 
     def _put(self, api: Api, vdi: str, raw: str) -> None:

@@ -53,6 +53,8 @@ from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 log = logging.getLogger("alike.xen")
 
 MARK = "alike_backup"      # other_config key on every snapshot VM and VDI a backup makes
+PREFIX = "alike-"          # name_label of the snapshots a backup makes
+NULL = "OpaqueRef:NULL"
 CBT_BLOCK = 64 * 1024      # VDI.list_changed_blocks granularity
 _STATES = {"Running": "running", "Halted": "halted", "Suspended": "suspended", "Paused": "paused"}
 
@@ -135,6 +137,15 @@ def bitmap_extents(b64: str, size: int) -> list[tuple[int, int]]:
     return out
 
 
+def https_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """TLS verified against the system's CAs, or `ca_bundle`: CA certificates, or the pool
+    master's own certificate (XenServer hosts come with self-signed ones: pinned as they are)."""
+    ctx = ssl.create_default_context(cafile=ca_bundle)
+    if ca_bundle:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
 class Api:
     """A logged-in XenAPI session on the pool master (followed from a member on HOST_IS_SLAVE)."""
 
@@ -146,8 +157,7 @@ class Api:
         for _ in range(3):  # a member names the master once; never loop
             u = urlparse(self.url)
             if u.scheme == "https":
-                ctx = ssl.create_default_context(cafile=ca_bundle)
-                transport = xmlrpc.client.SafeTransport(context=ctx)
+                transport = xmlrpc.client.SafeTransport(context=https_context(ca_bundle))
             else:
                 transport = xmlrpc.client.Transport()
             self.session = XenAPI.Session(self.url, transport=transport)
@@ -505,7 +515,7 @@ class XenSource(Source):
                 rec["cbt_enabled"] = bool(d.get("cbt_enabled"))
             live[d["ref"]] = rec
         token = f"{info.id}/{secrets.token_hex(6)}"  # whose backup made it: cleanup touches only its own VM's
-        name = f"alike-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{token}"
+        name = f"{PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{token[-12:]}"
         memory = self.memory and vm.get("power_state") == "Running"
         if self.memory and not memory:
             notes.append(f"no memory image: the VM is {info.power_state} (a memory checkpoint needs it running)")
@@ -557,17 +567,39 @@ class XenSource(Source):
         return snap
 
     def _cleanup(self, api: Api, vm_ref: str, disks) -> None:
-        """Remove what a killed backup of this VM left: snapshot VMs and data VDIs with our mark
-        (markers, cbt_metadata VDIs, stay: they are the base of the next CBT backup)."""
+        """Remove what a killed backup of this VM left: its snapshot VMs (ours by mark, or by name
+        when it was killed between VM.snapshot and the mark) with their data VDIs and suspend
+        image, and data VDIs with our mark. Markers (cbt_metadata VDIs) stay: they are the base of
+        the next CBT backup."""
         x = api.x
+        uuid = x.VM.get_uuid(vm_ref)
         for sref in x.VM.get_snapshots(vm_ref):
             try:
-                if MARK in (x.VM.get_other_config(sref) or {}):
-                    log.warning("VM %s: removing a snapshot left by a killed backup", vm_ref)
-                    x.VM.destroy(sref)
+                rec = x.VM.get_record(sref)
             except api.XenAPI.Failure:
                 continue
-        uuid = x.VM.get_uuid(vm_ref)
+            if MARK not in (rec.get("other_config") or {}) and not rec.get("name_label", "").startswith(PREFIX):
+                continue
+            log.warning("VM %s: removing snapshot %s left by a killed backup", uuid, rec.get("name_label"))
+            vdis = [rec["suspend_VDI"]] if rec.get("suspend_VDI") not in (None, "", NULL) else []
+            for b in rec.get("VBDs", []):
+                try:
+                    vbd = x.VBD.get_record(b)
+                except api.XenAPI.Failure:
+                    continue
+                if vbd.get("type") == "Disk" and vbd.get("VDI") not in (None, "", NULL):
+                    vdis.append(vbd["VDI"])
+            try:
+                x.VM.destroy(sref)
+            except api.XenAPI.Failure as e:
+                log.warning("cannot remove snapshot %s: %s", rec.get("name_label"), e.details)
+                continue
+            for v in vdis:
+                try:
+                    if x.VDI.get_type(v) != "cbt_metadata":
+                        _destroy_vdi(api, v)
+                except api.XenAPI.Failure:
+                    pass
         for ref, rec in _our_vdis(api).items():
             mine = str(rec["other_config"][MARK]).startswith(uuid + "/")
             if mine and rec.get("type") != "cbt_metadata" and not rec.get("VBDs"):
@@ -599,7 +631,7 @@ class XenSource(Source):
         u = urlparse(api.url)
         q = urlencode({"session_id": api.ref, "vdi": ref, "format": "raw"})
         conn = (http.client.HTTPSConnection(u.hostname, u.port or 443,
-                                            context=ssl.create_default_context(cafile=self.ca_bundle))
+                                            context=https_context(self.ca_bundle))
                 if u.scheme == "https" else http.client.HTTPConnection(u.hostname, u.port or 80))
         fd, path = tempfile.mkstemp(prefix="alike-xen-", suffix=".raw", dir=self.scratch_dir)
         snap.files.append(path)
