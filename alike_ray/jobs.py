@@ -3,7 +3,8 @@
     name = "nightly"                         # required: letters, digits, '.', '_', '-'
     store = "./ads"                          # optional (else --store / $ALIKE_STORE)
     endpoint = "http://127.0.0.1:9000"       # optional, for a store on S3
-    sources = ["kvm:qemu:///system", {uri = "image:/images/web.raw", name = "web", tags = ["prod"]}]
+    sources = ["kvm:qemu:///system", {uri = "image:/images/web.raw", name = "web", tags = ["prod"]},
+               {uri = "xen:https://pool-master", credentials = "/etc/alike/xen.toml", ca_bundle = "/etc/alike/pool-ca.pem"}]
 
     [select]                                 # evaluated at every run; none = every VM
     vms = ["web", "db"]                      # these names
@@ -146,10 +147,16 @@ def load(path: str, base: str | None = None) -> Job:
     for i, s in enumerate(data.get("sources", [])):
         if isinstance(s, str):
             s = {"uri": s}
-        if not isinstance(s, dict) or not isinstance(s.get("uri"), str) or set(s) - {"uri", "name", "tags"} \
-                or not isinstance(s.get("tags", []), list):
+        if not isinstance(s, dict) or not isinstance(s.get("uri"), str) \
+                or set(s) - {"uri", "name", "tags", "credentials", "ca_bundle"} \
+                or not isinstance(s.get("tags", []), list) \
+                or not all(isinstance(s.get(k, ""), str) for k in ("name", "credentials", "ca_bundle")):
             raise JobError(f"{path}: sources[{i}] must be a source string or a table "
-                           "{{uri = \"...\", name = \"...\", tags = [...]}}")
+                           "{{uri = \"...\", name = \"...\", tags = [...], credentials = \"FILE\", "
+                           "ca_bundle = \"FILE\"}}")
+        for k in ("credentials", "ca_bundle"):  # relative to the job file, as image paths are
+            if k in s and base:
+                s[k] = os.path.abspath(os.path.join(base, s[k]))
         sources.append(s)
     if not sources:
         raise JobError(f"{path}: the job has no sources: add sources = [\"image:/path/disk.raw\"] or a kvm: URI")
@@ -234,6 +241,8 @@ def select(job: Job, node_id: str | None = None):
         opts = {"node_id": node_id}
         if s["uri"].startswith("image:"):
             opts["name"] = s.get("name")
+        else:
+            opts.update(source_options(s["uri"], s.get("credentials"), s.get("ca_bundle"), job.memory, job.cbt))
         try:
             src = open_source(s["uri"], **opts)
             vms = src.list_vms()
@@ -257,6 +266,13 @@ def select(job: Job, node_id: str | None = None):
     if dup:
         raise JobError(f"{job.path}: two sources have a VM named {sorted(dup)[0]!r}: name them apart")
     return taken, problems
+
+
+def source_options(uri: str, credentials: str | None, ca_bundle: str | None, memory: bool, cbt: bool) -> dict:
+    """The options a hypervisor source of `uri` takes (xen: credentials, CA bundle, memory, cbt)."""
+    if uri.startswith("xen:"):
+        return {"credentials": credentials, "ca_bundle": ca_bundle, "memory": memory, "cbt": cbt}
+    return {}
 
 
 def store_for(job: Job, store: str | None = None, endpoint: str | None = None, profile: str | None = None,

@@ -343,7 +343,8 @@ class SnapshotActor:
             manifests.append((np.concatenate(blocks_out), np.concatenate(hashes_out), np.concatenate(bases_out),
                               np.concatenate(deltas_out), np.concatenate(grains_out)))
             crash_point("disk-done")
-            disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker})
+            disks_meta.append({"name": disk.name, "size": disk.size, "cbt": disk.cbt_marker,
+                               **({"role": disk.role} if disk.role != "disk" else {})})
         self._flush(stats, wait=True)
         t_data = time.monotonic()
         self.phase = "metadata commit"
@@ -379,6 +380,7 @@ class SnapshotActor:
             **stats,
             "read_nodes": sorted(self.read_nodes),
             **({"notes": list(snap.vm.notes)} if snap.vm.notes else {}),  # warnings of the source
+            **({"shape": dict(snap.vm.shape)} if snap.vm.shape else {}),  # for a restore into a hypervisor
             "seconds": round(seconds, 3),
         }
         if self.lock_key and not store.backend.exists(self.lock_key):

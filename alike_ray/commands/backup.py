@@ -84,7 +84,11 @@ def cmd_backup(args) -> int:
 
 
 def _source_options(args, spec: str) -> dict:
-    return {"name": args.name, "shared": args.shared} if spec.startswith("image:") else {}
+    from ..jobs import source_options
+
+    if spec.startswith("image:"):
+        return {"name": args.name, "shared": args.shared}
+    return source_options(spec, args.credentials, args.ca_bundle, args.memory, not args.no_cbt)
 
 
 def _choose(args) -> list[Pick]:
@@ -128,11 +132,15 @@ def register(add, sub) -> None:
     sp = add("backup", cmd_backup, "back up VMs (a full version that stores only new data)",
              "Back up one or more sources. Each becomes a version of its VM: complete on its own, "
              "storing only blocks the store lacks. Sources: image:PATH[,PATH...] (raw or qcow2 "
-             "files, block devices).")
+             "files, block devices), kvm:LIBVIRT-URI (with --vm), xen:POOL-MASTER-URL (with --vm and "
+             "--credentials).")
     sp.add_argument("sources", nargs="+", metavar="SOURCE", help="e.g. image:/var/lib/images/web.qcow2")
     sp.add_argument("--name", help="VM name (default: the image file's name without extension)")
     sp.add_argument("--vm", action="append", help="a VM of a multi-VM source such as kvm:URI (repeatable)")
     sp.add_argument("--no-cbt", action="store_true", help="ignore changed block tracking: read every allocated block")
+    add_hypervisor_options(sp)
+    sp.add_argument("--memory", action="store_true",
+                    help="xen: a disk-and-memory checkpoint of a running VM (its memory image is kept with the version)")
     sp.add_argument("--parallel", type=int, default=2, help="VMs backed up at once (default 2)")
     sp.add_argument("--full", action="store_true",
                     help="always full/baseline: ignore the previous version as munge cache")
@@ -149,6 +157,16 @@ def register(add, sub) -> None:
     sp.add_argument("--to-profile", help="AWS profile of the --vault-to store (default: --profile)")
 
 
+def add_hypervisor_options(sp) -> None:
+    """--credentials and --ca-bundle, for commands that talk to a hypervisor (xen:)."""
+    sp.add_argument("--credentials", metavar="FILE",
+                    help="xen: TOML file with username and password, mode 0600 (else $ALIKE_XEN_USERNAME and "
+                         "$ALIKE_XEN_PASSWORD); never put a password on the command line")
+    sp.add_argument("--ca-bundle", metavar="FILE",
+                    help="xen: CA certificates (PEM) that sign the pool master's TLS certificate "
+                         "(default: the system's)")
+
+
 def _client_args(d: dict) -> None:
     from ..config import absolute_store
     from ..sources import absolute_source
@@ -156,6 +174,9 @@ def _client_args(d: dict) -> None:
     d["store"] = absolute_store(d.get("store") or os.environ.get("ALIKE_STORE"))
     d["sources"] = [absolute_source(s) for s in d.get("sources") or []]
     d["vault_to"] = absolute_store(d.get("vault_to"))
+    for k in ("credentials", "ca_bundle"):  # the server resolves paths from its own folder
+        if d.get(k):
+            d[k] = os.path.abspath(d[k])
 
 
 SERVED = {"backup": Served(cmd_backup, _client_args)}

@@ -10,7 +10,9 @@ from ..ui import EPILOG, out
 def cmd_inventory(args) -> int:
     from ._checks import open_source
 
-    src = open_source(args.source)
+    from ..jobs import source_options
+
+    src = open_source(args.source, **source_options(args.source, args.credentials, args.ca_bundle, False, True))
     vms = src.list_vms()
     rows = [{"name": v.name, "id": v.id, "state": v.power_state, "tags": v.tags,
              "disks": [{"name": n, "size": sz} for n, sz in v.disks], "notes": v.notes} for v in vms]
@@ -28,7 +30,11 @@ def cmd_inventory(args) -> int:
 
 def register(add, sub) -> None:
     sp = sub.add_parser("inventory", help="list the VMs of a source", epilog=EPILOG,
-                        description="List the VMs of a source (image:PATH, kvm:URI): names, state, disks, tags.")
+                        description="List the VMs of a source (image:PATH, kvm:URI, xen:POOL-MASTER-URL): "
+                                    "names, state, disks, tags.")
     sp.add_argument("source", metavar="SOURCE")
+    from .backup import add_hypervisor_options
+
+    add_hypervisor_options(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sp.set_defaults(fn=cmd_inventory)

@@ -33,19 +33,37 @@ def cmd_restore(args) -> int:
     version = resolve_version(st, vm, version or None)
     meta = st.read_version(vm, version)
     ndisks = len(meta["disks"])
-    hyper = None
+    hyper = xen = None
+    memory_disk = [n for n, d in enumerate(meta["disks"]) if d.get("role") == "memory"]
+    if args.to.startswith("xen:"):  # a full restore into a Xen pool: a new VM there
+        from ..restore.xen import XenTarget
+
+        xen = XenTarget(args.to[len("xen:"):], args.credentials, args.ca_bundle)
+        name = args.name or f"{vm}-restored"
+        if args.memory is not None:
+            _checks.at_least(args.memory, 1, "--memory")
+        if args.vcpus is not None:
+            _checks.at_least(args.vcpus, 1, "--vcpus")
+        disks = [n for n in range(ndisks) if n not in memory_disk]
+        xen.check(name, args.sr, [meta["disks"][n]["size"] for n in range(ndisks)], args.network or [])
+        return _restore_into_xen(args, url, st, vm, version, meta, xen, name, disks, memory_disk)
     if args.to.startswith("kvm:"):  # a full restore into a hypervisor: a new VM there
         from ..restore import hypervisor
 
         uri = args.to[len("kvm:"):]
         name = args.name or f"{vm}-restored"
         pool = args.pool_dir or hypervisor.DEFAULT_POOL
+        shape = meta.get("shape") or {}  # the recorded shape (a Xen VM's), else 1 GiB and 1 vCPU
+        args.memory = (int(shape.get("memory_bytes") or 0) >> 20 or 1024) if args.memory is None else args.memory
+        args.vcpus = int(shape.get("vcpus") or 1) if args.vcpus is None else args.vcpus
         _checks.at_least(args.memory, 1, "--memory")
         _checks.at_least(args.vcpus, 1, "--vcpus")
         hypervisor.check_target(uri, name, pool)
         hyper = (hypervisor, uri, name)
         args.to, args.format, args.disk = pool, "qcow2", "all"
-    if args.disk in (None, "all"):
+    if hyper:  # a memory image (of a Xen checkpoint) has no meaning to KVM: the disks only
+        disks = [n for n in range(ndisks) if n not in memory_disk]
+    elif args.disk in (None, "all"):
         disks = list(range(ndisks))
     else:
         if not args.disk.isdigit() or int(args.disk) >= ndisks:
@@ -108,6 +126,47 @@ def cmd_restore(args) -> int:
             f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
     if hyper:
         text += f"\nnew VM {hyper[2]} defined on {hyper[1]} ({res['vm_created']['state']})"
+        if memory_disk:
+            text += "\n(the version's memory image was left out: KVM cannot resume a Xen VM's memory)"
+    _emit(args, res, text)
+    return 0
+
+
+def _restore_into_xen(args, url, st, vm, version, meta, xen, name, disks, memory_disk) -> int:
+    """Restore the disks (and a memory image) into raw files in a scratch folder, then build the VM
+    in the pool from them (restore/xen.py); the files go in any case."""
+    import tempfile
+
+    from pipelines.cluster import local_node_id
+    from pipelines.restore import check_targets, run_restore
+
+    scratch = args.scratch_dir or tempfile.gettempdir()
+    want = disks + memory_disk
+    raws = [os.path.join(scratch, f"alike-xen-{os.getpid()}-{n}.raw") for n in want]
+    check_targets(st, vm, version, want, raws)
+    _connect(args)
+    bar = Progress("restore")
+    t0 = time.monotonic()
+    try:
+        try:
+            res = run_restore(url, vm, version, raws, force=True, on_progress=bar, node_id=local_node_id(), disks=want)
+        finally:
+            bar.close()
+        pairs = [(meta["disks"][n], r) for n, r in zip(want, raws)]
+        mem = pairs[len(disks)] if memory_disk else None
+        res["vm_created"] = xen.create(name, meta, pairs[:len(disks)], mem, args.start, args.memory, args.vcpus)
+    finally:
+        for r in raws:
+            if os.path.exists(r):
+                os.unlink(r)
+        xen.close()
+    res["seconds"] = round(time.monotonic() - t0, 3)
+    res.update(disks=want, target=args.to)
+    made = res["vm_created"]
+    text = (f"restored {vm}@{version} into {xen.url} as VM {name} ({made['uuid']}, {made['state']}, "
+            f"SR {made['sr']!r}): {_h(res['logical_bytes'])}, {_h(res['written_bytes'])} of data, {res['seconds']:.1f}s")
+    for note in made.get("notes", []):
+        text += f"\nnote: {note}"
     _emit(args, res, text)
     return 0
 
@@ -120,13 +179,24 @@ def register(add, sub) -> None:
              "with qemu-img check and compare.")
     sp.add_argument("vm", metavar="VM[@VERSION]")
     sp.add_argument("--to", required=True,
-                    help="target file, folder (several disks), or kvm:URI for a new VM on that libvirt host")
+                    help="target file, folder (several disks), kvm:URI for a new VM on that libvirt host, or "
+                         "xen:POOL-MASTER-URL for a new VM in that pool")
     sp.add_argument("--disk", default="all", help="disk number to restore, or all (default)")
-    sp.add_argument("--name", help="with --to kvm:URI: the new VM's name (default VM-restored)")
+    sp.add_argument("--name", help="with --to kvm: or xen: the new VM's name (default VM-restored)")
+    sp.add_argument("--sr", help="with --to xen:URL: the SR (name or uuid) for the disks (default: the pool's default SR)")
+    sp.add_argument("--network", action="append", metavar="[NIC=]NETWORK",
+                    help="with --to xen:URL: connect the VM's NICs (or the NIC named NIC, by device or original "
+                         "network) to NETWORK (name or uuid); repeatable; NICs not mapped are left out")
+    sp.add_argument("--scratch-dir", help="with --to xen:URL: where the disks are restored before the import "
+                                          "(default: the temporary folder)")
+    from .backup import add_hypervisor_options
+
+    add_hypervisor_options(sp)
     sp.add_argument("--pool-dir", help="with --to kvm:URI: where its disks go (default /var/lib/libvirt/images)")
-    sp.add_argument("--memory", type=int, default=1024, help="with --to kvm:URI: memory in MiB (default 1024)")
-    sp.add_argument("--vcpus", type=int, default=1, help="with --to kvm:URI: virtual CPUs (default 1)")
-    sp.add_argument("--start", action="store_true", help="with --to kvm:URI: start the new VM")
+    sp.add_argument("--memory", type=int, help="with --to kvm: or xen: memory in MiB (default: the version's, "
+                                               "else 1024)")
+    sp.add_argument("--vcpus", type=int, help="with --to kvm: or xen: virtual CPUs (default: the version's, else 1)")
+    sp.add_argument("--start", action="store_true", help="with --to kvm: or xen: start (or resume) the new VM")
     sp.add_argument("--format", choices=["raw", "qcow2", "vhd", "vhdx"],
                     help="disk format (default: from --to's extension, else raw sparse); "
                          "converted and checked with qemu-img")

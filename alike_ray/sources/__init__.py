@@ -20,7 +20,11 @@ def open_source(spec: str, **options) -> Source:
         from .kvm import KvmSource
 
         return KvmSource(rest, **options)
-    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH or kvm:LIBVIRT-URI")
+    if kind == "xen":
+        from .xen import XenSource
+
+        return XenSource(rest, **options)
+    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH, kvm:LIBVIRT-URI or xen:POOL-URL")
 
 
 def absolute_source(spec: str, base: str | None = None) -> str:

@@ -8,7 +8,7 @@ better), and binds tests/source_contract.py in a few lines.
 
 `Source` (picklable: it is handed to the snapshot actor, which may run in another process)
 - `list_vms()` -> [VMInfo]: every VM it can back up (name, id, disks and their sizes, tags,
-  power state, notes for the user). Cheap and side-effect free: `alike inventory` and
+  power state, notes for the user, the shape a restore rebuilds). Cheap and side-effect free: `alike inventory` and
   `alike backup` call it before any slow work.
 - `snapshot(vm)` -> Snapshot: freezes the disks of the VM named `vm` (its name or its id).
   A VM the source does not have raises `VMNotFound`, a `SourceError` whose message names it
@@ -27,7 +27,8 @@ better), and binds tests/source_contract.py in a few lines.
   removed by its next snapshot (kvm: exports named `alike-*`).
 
 `Disk` (picklable: it travels to Ray read tasks, which run wherever `node_id` says)
-- `name`, `size` (bytes).
+- `name`, `size` (bytes); `role`: "disk", or "memory" for the memory image of a checkpoint
+  (recorded with the version; restores into a hypervisor resume from it or leave it out).
 - `node_id`: the Ray node that can read it (a local path), or None: any node that reaches the
   source (NBD, HTTP, a shared path).
 - `allocated_extents()` -> sorted, non-overlapping [(offset, length)] inside [0, size) outside
@@ -88,6 +89,9 @@ class VMInfo:
     # what the user should know before trusting a backup of it (an image cut short...):
     # recorded with the version ("notes") and shown as warnings
     notes: list[str] = field(default_factory=list)
+    # what a restore into a hypervisor needs to rebuild the VM (vcpus, memory_bytes, description,
+    # nics, boot settings; "platform" names where it came from): recorded with the version
+    shape: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.disks = [DiskInfo(str(n), int(s)) for n, s in self.disks]
@@ -96,6 +100,7 @@ class VMInfo:
 class Disk(abc.ABC):
     name: str = "disk"
     size: int = 0
+    role: str = "disk"  # "memory": a memory image (a Xen checkpoint's suspend VDI), not a disk of the VM
     node_id: str | None = None
     cbt_marker: str | None = None
     cbt_note: str | None = None

@@ -30,6 +30,7 @@ FLAG_FIXED_NEWSTYLE = 1
 FLAG_NO_ZEROES = 2
 
 OPT_ABORT = 2
+OPT_STARTTLS = 5
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_SET_META_CONTEXT = 10
@@ -66,8 +67,13 @@ class NBDClient:
     """One connection to one export. `contexts`: meta contexts to negotiate (for block status)."""
 
     def __init__(self, host: str | None = None, port: int | None = None, export: str = "",
-                 contexts: tuple[str, ...] = (), unix: str | None = None, timeout: float = 60.0):
+                 contexts: tuple[str, ...] = (), unix: str | None = None, timeout: float = 60.0,
+                 tls=None, tls_name: str | None = None):
+        """`tls`: an ssl.SSLContext to upgrade the connection with (NBD_OPT_STARTTLS, as XAPI's
+        NBD servers and `qemu-nbd --tls-creds` require); `tls_name`: the name the server's
+        certificate must carry (default: the host)."""
         self.export = export
+        self._tls, self._tls_name = tls, tls_name or host
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             where = unix
@@ -119,6 +125,10 @@ class NBDClient:
             raise NBDError("not an NBD server speaking the fixed newstyle handshake")
         no_zeroes = bool(flags & FLAG_NO_ZEROES)
         self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0)))
+        if self._tls is not None:
+            self._option(OPT_STARTTLS)
+            self._reply(OPT_STARTTLS)
+            self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._tls_name)
         name = self.export.encode()
         self._option(OPT_STRUCTURED_REPLY)
         self._reply(OPT_STRUCTURED_REPLY)
@@ -263,6 +273,17 @@ class NBDClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def tls_context(cert_pem: str | None = None, ca_file: str | None = None):
+    """An ssl context for an NBD server whose certificate is `cert_pem` (XAPI's get_nbd_info gives
+    the host's certificate, usually self-signed: it is trusted as it is, as an anchor of its own,
+    and the name is still checked), or signed by a CA of `ca_file`."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca_file, cadata=cert_pem or None)
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
 
 
 def extents(status, keep) -> list[tuple[int, int]]:
