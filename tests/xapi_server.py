@@ -1300,7 +1300,18 @@ class XapiServer:
                 self._new("task", self._task_record("VM import", ""))
             sr = q.get("sr_id") if q.get("sr_id") in self.t["SR"] else self.sr_ref
         try:
-            vms = self._import_xva(body, sr)
+            try:
+                vms = self._import_xva(body, sr)
+            except (Failure, EOFError, ConnectionError, ssl.SSLError):
+                raise
+            except Exception as e:  # e.g. ENOSPC: the task fails rather than staying pending
+                raise Failure("INTERNAL_ERROR", f"{type(e).__name__}: {e}") from None
+        except (EOFError, ConnectionError, ssl.SSLError) as e:
+            with self.lock:
+                if task in self.t["task"]:
+                    self.t["task"][task].update(status="failure", error_info=["IMPORT_ERROR_PREMATURE_EOF"],
+                                                finished=_now(), progress=1.0)
+            raise
         except Failure as e:
             with self.lock:
                 if task in self.t["task"]:
@@ -1370,8 +1381,12 @@ class XapiServer:
                                          bootable=bool(s.get("bootable")), empty=empty, device=s.get("device", ""))
                         created.append(("VBD", self._new("VBD", rec)))
                     elif o["class"] == "VIF" and s.get("VM") in vm_map:
-                        net_name = objs.get(s.get("network"), {}).get("snapshot", {}).get("name_label")
-                        net = next((r for r, x in self.t["network"].items() if x["name_label"] == net_name), self.net_ref)
+                        if s.get("network") in self.t["network"]:  # a network of this pool, by ref
+                            net = s["network"]
+                        else:  # the archive's network, by name; else the pool's first one
+                            net_name = objs.get(s.get("network"), {}).get("snapshot", {}).get("name_label")
+                            net = next((r for r, x in self.t["network"].items() if x["name_label"] == net_name),
+                                       self.net_ref)
                         created.append(("VIF", self._new("VIF", vif_record(vm_map[s["VM"]], net, str(s.get("device", "0")),
                                                                           s.get("MAC", "")))))
             pending: dict[str, str] = {}   # chunk member -> sha1 of what was written
@@ -1580,8 +1595,8 @@ def _write_sparse(fd: int, data: bytes, off: int) -> None:
 def _has_data(fd: int, off: int, n: int) -> bool:
     try:
         d = os.lseek(fd, off, os.SEEK_DATA)
-    except OSError:
-        return False if os.fstat(fd).st_size <= off else True
+    except OSError as e:  # ENXIO: a hole from `off` to the end; else no SEEK_DATA: assume data
+        return e.errno != errno.ENXIO
     return d < off + n
 
 
