@@ -494,8 +494,13 @@ def _stop_all() -> None:
 
 class XapiServer:
     """A protocol-level XAPI pool master (see the module docstring). Test-side API:
-    start() -> url, stop(), add_vm(), vdi_of(), vdi_path(), guest_write(), export(),
-    set_memory(), set_nbd(), objects(), calls, credentials_file(), ca_file, nbd_ca_dir."""
+    start() -> url, stop(), `with XapiServer(...) as srv`, add_vm(), add_sr(), vdi_of(),
+    vdi_path(), guest_write(), export(), set_memory(), set_nbd(), objects(cls) -> {ref: record},
+    nbd_pids(), credentials_file(), url, ca_file (the HTTPS cert, self-signed: the CA bundle),
+    nbd_ca_dir (ca-cert.pem for a qemu NBD client).
+    `calls`: every call made, in order: (method, args without the session) for XML-RPC (the
+    password of a login shown as "***"), ("HTTP GET /export_raw_vdi", ((key, value), ...)) for
+    the HTTP handlers (the query without session_id)."""
 
     def __init__(self, root, username: str = "root", password: str = "secret", tls: bool = True,
                  nbd: str | None = "nbd", sr_size: int = 1 << 40, slave_of: str | None = None,
@@ -1306,7 +1311,7 @@ class XapiServer:
                 raise
             except Exception as e:  # e.g. ENOSPC: the task fails rather than staying pending
                 raise Failure("INTERNAL_ERROR", f"{type(e).__name__}: {e}") from None
-        except (EOFError, ConnectionError, ssl.SSLError) as e:
+        except (EOFError, ConnectionError, ssl.SSLError):
             with self.lock:
                 if task in self.t["task"]:
                     self.t["task"][task].update(status="failure", error_info=["IMPORT_ERROR_PREMATURE_EOF"],
