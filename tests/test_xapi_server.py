@@ -393,6 +393,20 @@ def test_nbd_tls_read(srv, x, tmp_path):
     assert info["subject"] == "localhost" and info["cert"].startswith("-----BEGIN CERTIFICATE-----")
     assert x.VDI.get_nbd_info(snap_vdi) == infos  # the same server on the second ask
     assert _nbd_read(info, len(data)) == bytes(data)
+    # several connections at once (--shared), as the Ray workers of a backup open them
+    conns = [nbd.NBDClient(info["address"], int(info["port"]), info["exportname"],
+                           tls=nbd.tls_context(info["cert"]), tls_name=info["subject"]) for _ in range(4)]
+    try:
+        got = [bytearray(MiB // 2) for _ in conns]
+        ts = [threading.Thread(target=c.read_into, args=(g, i * MiB // 2)) for i, (c, g) in enumerate(zip(conns, got))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert b"".join(got) == bytes(data[:2 * MiB])
+    finally:
+        for c in conns:
+            c.close()
     # a client without TLS is refused by a TLS server
     with pytest.raises((nbd.NBDError, OSError)):
         _nbd_read(dict(info, cert=""), 4096)
