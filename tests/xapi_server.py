@@ -463,6 +463,10 @@ class _HTTPServer(ThreadingHTTPServer, SimpleXMLRPCDispatcher):
                 self.conns.pop(threading.current_thread(), None)
 
     def handle_error(self, request, client_address):
+        import sys as _sys
+
+        if isinstance(_sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            return  # a client that refused our certificate, or went away: what a server shrugs at
         if not self.xapi._stopping:
             super().handle_error(request, client_address)
 
@@ -512,6 +516,7 @@ class XapiServer:
         self.lock = threading.RLock()
         self.t: dict[str, dict[str, dict]] = {c: {} for c in CLASSES}
         self.calls: list[tuple[str, tuple]] = []
+        self.on_snapshot = None  # test hook: called with the VM's uuid right after each snapshot/checkpoint
         self._files: dict[str, str] = {}          # VDI ref -> data file (in the SR)
         self._cbt_kept: dict[str, str] = {}       # data_destroyed VDI ref -> kept contents (outside the SR)
         self._cbt_epoch: dict[str, int] = {}      # live VDI ref -> CBT epoch (bumped by disable/resize)
@@ -913,6 +918,8 @@ class XapiServer:
                 self._destroy_vdi(v)
             self._x_VM__destroy(sref)
             raise
+        if self.on_snapshot is not None:  # a test's hook: what the disks held at this instant, a guest write now
+            self.on_snapshot(rec["uuid"])
         return sref
 
     def _vm_sr(self, vm) -> str:
