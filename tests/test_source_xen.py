@@ -175,3 +175,23 @@ def test_bitmap_extents():
     b[2] |= 0b0001_0000
     ext = bitmap_extents(base64.b64encode(b.tobytes()).decode(), size)
     assert ext[-1] == (19 * 65536, size - 19 * 65536)
+
+
+def test_leftovers_of_a_killed_backup_are_removed(server):
+    """A backup killed between snapshot and release (no release ran): the next snapshot of that
+    VM removes the snapshot VM and its data VDIs, and leaves other VMs' snapshots alone."""
+    server.set_nbd("nbd")
+    src = XenSource(server.url, credentials=server.creds, ca_bundle=server.ca_file)
+    b = _bound(server)
+    before = b.residue()
+    killed = src.snapshot("web")
+    killed.api.logout()  # the process died: nothing released
+    other = src.snapshot("halted-one")
+    left = b.residue()
+    assert left != before and len(left[0]) == len(before[0]) + 2  # web's and halted-one's snapshots
+    with src.snapshot("web") as snap:
+        assert snap.disks[0].read(0, 4096).tobytes() == b.truth("xvda")[:4096]
+    after = b.residue()
+    assert len(after[0]) == len(before[0]) + 1  # halted-one's snapshot is not web's to remove
+    other.release(failed=True)
+    assert b.residue() == before

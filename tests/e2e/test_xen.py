@@ -142,8 +142,8 @@ def test_backup_cbt_restore_into_pool(alike, pool, tmp_path):
     v2 = Store.open(str(store)).read_version("web", r2["version"])
     assert sorted(m["uuid"] for m in markers) == sorted(d["cbt"] for d in v2["disks"])
     assert v2["shape"]["vcpus"] == 2 and v2["shape"]["description"] == "the web tier"
-    meta = alike.json("versions", "--store", store, "web")
-    assert len(meta["versions"]) == 2
+    assert sorted(v["version"] for v in alike.json("versions", "--store", store, "--vm", "web")["versions"]) == \
+        sorted([r1["version"], r2["version"]])
     for r, files in ((r1, truth.snaps[0]), (r2, truth.snaps[1])):
         out = tmp_path / f"restore-{r['version']}"
         alike.json("restore", "--store", store, f"web@{r['version']}", "--to", out)
@@ -204,8 +204,8 @@ def test_broken_chains(pool, ray_address, tmp_path):
         breaks = {
             "CBT was disabled": lambda r: x.VDI.disable_cbt(live()),
             "deleted": lambda r: x.VDI.destroy(marker(r)),
-            "resized": lambda r: x.VDI.resize(live(), str(32 * MiB)),
-            "unrelated": lambda r: _replace_disk(x, pool, "db"),
+            "resized": lambda r: _offline(x, pool, "db", lambda: x.VDI.resize(live(), str(32 * MiB))),
+            "unrelated": lambda r: _offline(x, pool, "db", lambda: _replace_disk(x, pool, "db")),
         }
         for why, brk in breaks.items():
             brk(r)
@@ -216,7 +216,7 @@ def test_broken_chains(pool, ray_address, tmp_path):
             r = backup(truth)  # re-armed
             assert r["cbt"] is True and r["read_bytes"] <= 3 * 64 * 1024 + 2 * 5000, (why, r)
         # a new disk: read in full, the others go on with CBT
-        _add_disk(x, pool, "db", 8 * MiB)
+        _offline(x, pool, "db", lambda: _add_disk(x, pool, "db", 8 * MiB))
         write(pool, live_vdis(pool, "db")[1], MiB, 4096, 4)
         r = backup(truth)
         assert any("xvdb: new since the previous version" in n for n in r.get("cbt_notes", [])), r
@@ -225,6 +225,16 @@ def test_broken_chains(pool, ray_address, tmp_path):
     s.xenapi.session.logout()
     snaps, data, _ = residue(pool)
     assert not snaps and not data
+
+
+def _offline(x, pool, name, change):
+    """A change made with the VM shut down (XAPI refuses it on a running VM's attached disks)."""
+    vm = x.VM.get_by_uuid(vm_uuid(pool, name))
+    x.VM.clean_shutdown(vm)
+    try:
+        change()
+    finally:
+        x.VM.start(vm, False, False)
 
 
 def _replace_disk(x, pool, name):
@@ -263,8 +273,9 @@ def test_memory_checkpoint_restores_suspended(alike, pool, tmp_path):
     from storage.store import Store
 
     meta = Store.open(str(store)).read_version("db", r["version"])
-    assert [(d["name"], d.get("role", "disk")) for d in meta["disks"]] == [("xvda", "disk"), ("memory", "memory")]
-    assert meta["disks"][1]["size"] == 16 * MiB and meta["shape"]["memory_bytes"] == 16 * MiB
+    names = [f"xvd{chr(97 + i)}" for i in range(len(live_vdis(pool, "db")))]
+    assert [(d["name"], d.get("role", "disk")) for d in meta["disks"]] == [(n, "disk") for n in names] + [("memory", "memory")]
+    assert meta["disks"][-1]["size"] == 16 * MiB and meta["shape"]["memory_bytes"] == 16 * MiB
     made = alike.json("restore", "--store", store, "db", "--to", f"xen:{pool.url}", "--name", "db-suspended",
                       *auth(pool))["vm_created"]
     assert made["state"] == "suspended", made
@@ -292,8 +303,9 @@ def test_job_by_tags_parallel(alike, pool, tmp_path):
 
 
 def test_killed_backup_is_cleaned_up(alike, pool, tmp_path, ray_address):
-    """kill -9 of the driver mid-read: its snapshot stays on the pool; the next backup of the VM
-    removes it (found by its mark) and succeeds."""
+    """kill -9 of the driver mid-read: Ray then ends the snapshot actor, whose release may or may
+    not run; whatever stays on the pool the next backup of the VM removes (found by its mark or
+    name), and it succeeds. (tests/test_source_xen.py leaves a snapshot unreleased on purpose.)"""
     store = tmp_path / "ads"
     alike.json("init", "--store", store)
     pool.add_vm("big", disks=[images.random_image(str(tmp_path / "big.raw"), 96)], tags=["big"])
@@ -310,7 +322,7 @@ def test_killed_backup_is_cleaned_up(alike, pool, tmp_path, ray_address):
     p.wait()
     time.sleep(2)
     snaps, data, _ = residue(pool)
-    assert snaps and data  # what the killed backup made is still there
+    print(f"\nafter kill -9 of the driver: {len(snaps)} snapshot VMs, {len(data)} data VDIs of ours left")
     r = alike.json("backup", "--store", store, f"xen:{pool.url}", "--vm", "big", *auth(pool))
     assert r["cbt"] is False
     snaps, data, markers = residue(pool)
