@@ -152,10 +152,14 @@ def test_backup_cbt_restore_into_pool(alike, pool, tmp_path):
 
     # into the pool: a new VM, its disks checked through the server's export
     made = alike.json("restore", "--store", store, "web", "--to", f"xen:{pool.url}", "--sr", "Local storage",
-                      "--name", "web-copy", "--start", *auth(pool))["vm_created"]
-    assert made["state"] == "running" and made["name"] == "web-copy"
+                      "--name", "web-copy", "--start", "--network", "xenbr0", *auth(pool))["vm_created"]
+    assert made["state"] == "running" and made["name"] == "web-copy" and not made["notes"]
     rec = pool.objects("VM")
     [vm] = [v for v in rec.values() if v["name_label"] == "web-copy"]
+    [vif] = [pool.objects("VIF")[r] for r in vm["VIFs"]]  # the NIC, on the network asked for (by bridge)
+    assert pool.objects("network")[vif["network"]]["bridge"] == "xenbr0"
+    [orig] = [v for v in rec.values() if v["name_label"] == "web" and not v["is_a_snapshot"]]
+    assert vif["MAC"] == pool.objects("VIF")[orig["VIFs"][0]]["MAC"]
     assert vm["power_state"] == "Running" and vm["VCPUs_max"] == "2" and vm["memory_static_max"] == str(32 * MiB)
     for n, want in enumerate(truth.snaps[1]):
         with open(want, "rb") as f:
