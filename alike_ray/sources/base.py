@@ -125,6 +125,62 @@ class Disk(abc.ABC):
         return None
 
 
+class ExtentDisk(Disk):
+    """A disk whose data lies in allocated extents known when the snapshot was made (the rest
+    reads as zeros): `read_into` reads only those, each piece through `_read_range(part, offset)`
+    (-> bytes that came from the source), and when a piece fails with OSError (a connection cached
+    from an earlier task that broke), asks `_reconnect()` whether to try once more. kvm: and xen:
+    disks (NBD) are ExtentDisks."""
+
+    _retry_on: tuple = (OSError,)  # what a broken connection raises (and NBD's errors, for NBD disks)
+
+    def _set_extents(self, allocated) -> None:
+        a = np.array(allocated, dtype=np.int64).reshape(-1, 2)
+        self._off, self._len = a[:, 0].copy(), a[:, 1].copy()
+
+    def allocated_extents(self):
+        return list(zip(self._off.tolist(), self._len.tolist()))
+
+    @abc.abstractmethod
+    def _read_range(self, part: np.ndarray, offset: int) -> int:
+        """Fill `part` with the disk's bytes from `offset` (inside one allocated extent)."""
+
+    def _reconnect(self) -> bool:
+        """After a failed piece: drop what failed; True to try the read once more."""
+        return False
+
+    def _read_error(self, e: Exception) -> str:
+        return f"reading disk {self.name} failed: {e}"
+
+    def read_into(self, buf: np.ndarray, offset: int) -> int:
+        end = offset + len(buf)
+        first = max(0, int(np.searchsorted(self._off, offset, side="right")) - 1)
+        for attempt in (0, 1):
+            done, pos, i = 0, offset, first
+            try:
+                while i < len(self._off) and self._off[i] < end:
+                    s = max(int(self._off[i]), pos)
+                    e = min(int(self._off[i] + self._len[i]), end)
+                    if s < e:
+                        if s > pos:
+                            buf[pos - offset:s - offset] = 0
+                        done += self._read_range(buf[s - offset:e - offset], s)
+                        pos = e
+                    i += 1
+                break
+            except self._retry_on as err:
+                if attempt or not self._reconnect():
+                    raise SourceError(self._read_error(err)) from None
+        if pos < end:
+            buf[pos - offset:] = 0
+        return done
+
+    def read(self, offset: int, length: int) -> np.ndarray:
+        buf = np.zeros(length, dtype=np.uint8)
+        self.read_into(buf, offset)
+        return buf
+
+
 class Snapshot(abc.ABC):
     vm: VMInfo
     disks: list[Disk]

@@ -63,7 +63,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from . import nbd
-from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
+from .base import ExtentDisk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 log = logging.getLogger("alike.kvm")
 
@@ -162,7 +162,7 @@ def _maps(host: str, port: int, export: str, bitmap: str | None):
     return size, alloc, changed
 
 
-class KvmDisk(Disk):
+class KvmDisk(ExtentDisk):
     """One disk of a running backup job, read over NBD. Extents are computed when the snapshot
     is made (by the snapshot actor), so read tasks only read."""
 
@@ -170,15 +170,11 @@ class KvmDisk(Disk):
         self.name = name
         self.size = size
         self.host, self.port, self.export = host, port, export
-        a = np.array(allocated, dtype=np.int64).reshape(-1, 2)
-        self._off, self._len = a[:, 0].copy(), a[:, 1].copy()
+        self._set_extents(allocated)
         self._changed = changed
         self._since = since  # checkpoint the dirty extents are counted from (None: full backup)
         self.cbt_marker = marker
         self.node_id = node_id
-
-    def allocated_extents(self):
-        return list(zip(self._off.tolist(), self._len.tolist()))
 
     def changed_extents(self, since):
         if since and self._since and since == self._since:
@@ -191,41 +187,19 @@ class KvmDisk(Disk):
         self.cbt_note = f"disk {self.name}: no changed block tracking from {since}: {why}; read in full, CBT re-armed"
         return None
 
-    def read_into(self, buf: np.ndarray, offset: int) -> int:
-        """Fill `buf` with the disk's bytes from `offset`, reading only allocated extents.
-        -> bytes that came over the wire as data."""
-        end = offset + len(buf)
-        i = max(0, int(np.searchsorted(self._off, offset, side="right")) - 1)
-        done = 0
-        pos = offset
-        for attempt in (0, 1):
-            try:
-                while i < len(self._off) and self._off[i] < end:
-                    s = max(int(self._off[i]), pos)
-                    e = min(int(self._off[i] + self._len[i]), end)
-                    if s < e:
-                        if s > pos:
-                            buf[pos - offset:s - offset] = 0
-                        done += _client(self.host, self.port, self.export).read_into(
-                            buf[s - offset:e - offset], s)
-                        pos = e
-                    i += 1
-                break
-            except (OSError, nbd.NBDError) as e:  # a connection cached from before: reconnect once
-                c = _CONNS.pop((self.host, self.port, self.export), None)
-                if c is not None:
-                    c.sock.close()
-                if attempt:
-                    raise SourceError(f"reading disk {self.name} over NBD at {self.host}:{self.port} "
-                                      f"failed: {e}") from None
-        if pos < end:
-            buf[pos - offset:] = 0
-        return done
+    _retry_on = (OSError, nbd.NBDError)
 
-    def read(self, offset: int, length: int) -> np.ndarray:
-        buf = np.zeros(length, dtype=np.uint8)
-        self.read_into(buf, offset)
-        return buf
+    def _read_range(self, part: np.ndarray, offset: int) -> int:
+        return _client(self.host, self.port, self.export).read_into(part, offset)
+
+    def _reconnect(self) -> bool:  # a connection cached from before: reconnect once
+        c = _CONNS.pop((self.host, self.port, self.export), None)
+        if c is not None:
+            c.sock.close()
+        return True
+
+    def _read_error(self, e) -> str:
+        return f"reading disk {self.name} over NBD at {self.host}:{self.port} failed: {e}"
 
 
 class KvmSnapshot(Snapshot):

@@ -48,7 +48,7 @@ from urllib.parse import urlencode, urlparse
 import numpy as np
 
 from . import nbd
-from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
+from .base import ExtentDisk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 log = logging.getLogger("alike.xen")
 
@@ -235,7 +235,7 @@ def _client(d: "XenDisk") -> nbd.NBDClient:
     return c
 
 
-class XenDisk(Disk):
+class XenDisk(ExtentDisk):
     """A snapshot VDI, read over NBD (any node) or from the local file a stream landed in."""
 
     def __init__(self, name, size, allocated, *, host=None, port=None, export=None, cert="", subject="",
@@ -245,17 +245,13 @@ class XenDisk(Disk):
         self.path = path
         self.node_id = node_id
         self.cbt_marker = marker
-        a = np.array(allocated, dtype=np.int64).reshape(-1, 2)
-        self._off, self._len = a[:, 0].copy(), a[:, 1].copy()
+        self._set_extents(allocated)
         self._cbt = None  # (snapshot, live VDI record, new snapshot VDI ref): in the snapshot actor only
 
     def __getstate__(self):
         s = dict(self.__dict__)
         s["_cbt"] = None
         return s
-
-    def allocated_extents(self):
-        return list(zip(self._off.tolist(), self._len.tolist()))
 
     def changed_extents(self, since):
         if self._cbt is None:  # read by a stream, or CBT off for this backup
@@ -277,51 +273,23 @@ class XenDisk(Disk):
         self.cbt_note = f"disk {self.name}: no changed block tracking from {since}: {why}; read in full, CBT re-armed"
         return None
 
-    def read_into(self, buf: np.ndarray, offset: int) -> int:
-        end = offset + len(buf)
-        i = max(0, int(np.searchsorted(self._off, offset, side="right")) - 1)
-        done, pos = 0, offset
-        f = None
-        try:
-            for attempt in (0, 1):
-                try:
-                    while i < len(self._off) and self._off[i] < end:
-                        s = max(int(self._off[i]), pos)
-                        e = min(int(self._off[i] + self._len[i]), end)
-                        if s < e:
-                            if s > pos:
-                                buf[pos - offset:s - offset] = 0
-                            part = buf[s - offset:e - offset]
-                            if self.path:
-                                if f is None:
-                                    f = open(self.path, "rb", buffering=0)
-                                f.seek(s)
-                                got = f.readinto(memoryview(part))
-                                if got != len(part):
-                                    raise SourceError(f"disk {self.name}: the local copy {self.path} is short")
-                                done += got
-                            else:
-                                done += _client(self).read_into(part, s)
-                            pos = e
-                        i += 1
-                    break
-                except (OSError, nbd.NBDError) as e:  # a connection cached from before: reconnect once
-                    c = _CONNS.pop((self.host, self.port, self.export), None)
-                    if c is not None:
-                        c.sock.close()
-                    if attempt or self.path:
-                        raise SourceError(f"reading disk {self.name} failed: {e}") from None
-        finally:
-            if f is not None:
-                f.close()
-        if pos < end:
-            buf[pos - offset:] = 0
-        return done
+    _retry_on = (OSError, nbd.NBDError)
 
-    def read(self, offset: int, length: int) -> np.ndarray:
-        buf = np.zeros(length, dtype=np.uint8)
-        self.read_into(buf, offset)
-        return buf
+    def _read_range(self, part: np.ndarray, offset: int) -> int:
+        if not self.path:
+            return _client(self).read_into(part, offset)
+        with open(self.path, "rb", buffering=0) as f:  # the local copy of a streamed disk
+            f.seek(offset)
+            got = f.readinto(memoryview(part))
+        if got != len(part):
+            raise SourceError(f"disk {self.name}: the local copy {self.path} is short")
+        return got
+
+    def _reconnect(self) -> bool:  # a connection cached from before: reconnect once
+        c = _CONNS.pop((self.host, self.port, self.export), None)
+        if c is not None:
+            c.sock.close()
+        return not self.path
 
 
 class XenSnapshot(Snapshot):
@@ -619,8 +587,10 @@ class XenSource(Source):
             except (OSError, nbd.NBDError, ssl.SSLError) as e:
                 log.warning("disk %s: NBD server %s:%s unusable: %s", name, host, port, e)
                 continue
+            # a loopback address is reachable from this host's node only
+            node = self.node_id if host in ("localhost", "::1") or host.startswith("127.") else None
             return XenDisk(name, size, alloc, host=host, port=port, export=export, cert=cert, subject=subject,
-                           role=role)
+                           role=role, node_id=node)
         return self._stream(api, snap, name, ref, size, role)
 
     def _stream(self, api, snap, name, ref, size, role) -> XenDisk:
