@@ -169,17 +169,29 @@ class XenTarget:
 
     def _put(self, api: Api, vdi: str, raw: str) -> None:
         q = urlencode({"session_id": api.ref, "vdi": vdi, "format": "raw"})
-        size = os.path.getsize(raw)
+
+        def pieces():
+            with open(raw, "rb") as f:
+                while piece := f.read(1 << 20):
+                    yield piece
+
+        self._http_put(api, f"/import_raw_vdi?{q}", pieces(), os.path.getsize(raw), "the disk import")
+
+    def _http_put(self, api: Api, path: str, body, size: int, what: str) -> None:
+        """PUT `body` (an iterable of bytes, `size` in all) to the pool master; 200 or one SourceError."""
         conn = self._conn(api)
         try:
-            with open(raw, "rb") as f:
-                conn.request("PUT", f"/import_raw_vdi?{q}", body=f, headers={"Content-Length": str(size)})
+            conn.putrequest("PUT", path)
+            conn.putheader("Content-Length", str(size))
+            conn.endheaders()
+            for piece in body:
+                conn.send(piece)
             r = conn.getresponse()
             r.read()
             if r.status != 200:
-                raise SourceError(f"the pool refused the disk import: HTTP {r.status} {r.reason}")
+                raise SourceError(f"the pool refused {what}: HTTP {r.status} {r.reason}")
         except (OSError, http.client.HTTPException) as e:
-            raise SourceError(f"importing a disk into {self.url} failed: {e}") from None
+            raise SourceError(f"{what} into {self.url} failed: {e}") from None
         finally:
             conn.close()
 
@@ -188,22 +200,8 @@ class XenTarget:
         x = api.x
         task = x.task.create(f"alike restore {name}", "import of a suspended VM")
         q = urlencode({"session_id": api.ref, "sr_id": self.sr, "task_id": task})
-        conn = self._conn(api)
-        try:
-            body = XvaStream(record, raws, memory, vifs)
-            conn.putrequest("PUT", f"/import?{q}")
-            conn.putheader("Content-Length", str(body.size))
-            conn.endheaders()
-            for piece in body:
-                conn.send(piece)
-            r = conn.getresponse()
-            r.read()
-            if r.status != 200:
-                raise SourceError(f"the pool refused the import of suspended VM {name}: HTTP {r.status} {r.reason}")
-        except (OSError, http.client.HTTPException) as e:
-            raise SourceError(f"importing suspended VM {name} into {self.url} failed: {e}") from None
-        finally:
-            conn.close()
+        body = XvaStream(record, raws, memory, vifs)
+        self._http_put(api, f"/import?{q}", body, body.size, f"the import of suspended VM {name}")
         for _ in range(600):
             status = x.task.get_status(task)
             if status != "pending":

@@ -113,6 +113,15 @@ class Disk(abc.ABC):
         """Default: no changed block tracking."""
         return None
 
+    def _no_cbt(self, since: str | None, why: str) -> None:
+        """changed_extents' answer for a broken chain: says why (cbt_note, the log); -> None."""
+        import logging
+
+        logging.getLogger("alike.sources").warning(
+            "disk %s: no changed block tracking from %s: %s; reading it in full (CBT re-armed)", self.name, since, why)
+        self.cbt_note = f"disk {self.name}: no changed block tracking from {since}: {why}; read in full, CBT re-armed"
+        return None
+
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> np.ndarray:
         """`length` bytes from `offset` (see the module's docstring)."""

@@ -182,10 +182,7 @@ class KvmDisk(ExtentDisk):
         why = ("this backup has no usable bitmap for it (resized, added, bitmap lost, or the last backup "
                "did not finish)" if not self._since
                else f"the last backup's checkpoint {since} is not the newest one here ({self._since})")
-        log.warning("disk %s: no changed block tracking from %s: %s; reading it in full (CBT re-armed)",
-                    self.name, since, why)
-        self.cbt_note = f"disk {self.name}: no changed block tracking from {since}: {why}; read in full, CBT re-armed"
-        return None
+        return self._no_cbt(since, why)
 
     _retry_on = (OSError, nbd.NBDError)
 

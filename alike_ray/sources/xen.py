@@ -268,10 +268,7 @@ class XenDisk(ExtentDisk):
                 return bitmap_extents(bitmap, self.size)
             except snap.api.XenAPI.Failure as e:
                 why = f"XAPI could not compare it with the marker ({' '.join(map(str, e.details[:2]))})"
-        log.warning("disk %s: no changed block tracking from %s: %s; reading it in full (CBT re-armed)",
-                    self.name, since, why)
-        self.cbt_note = f"disk {self.name}: no changed block tracking from {since}: {why}; read in full, CBT re-armed"
-        return None
+        return self._no_cbt(since, why)
 
     _retry_on = (OSError, nbd.NBDError)
 
