@@ -287,6 +287,10 @@ def test_memory_checkpoint_restores_suspended(alike, pool, tmp_path):
     assert vm["power_state"] == "Suspended"
     sus = pool.objects("VDI")[vm["suspend_VDI"]]
     assert pool.export(sus["uuid"]) == memory.tobytes()
+    made = alike.json("restore", "--store", store, "db", "--to", f"xen:{pool.url}", "--name", "db-resumed",
+                      "--start", *auth(pool))["vm_created"]  # VM.resume of the imported suspended VM
+    assert made["state"] == "running"
+    assert [v["power_state"] for v in pool.objects("VM").values() if v["name_label"] == "db-resumed"] == ["Running"]
     # a halted VM has no memory to take: disks only, with a note
     p = alike("backup", "--store", store, f"xen:{pool.url}", "--vm", "scratch", "--memory", *auth(pool), "--json")
     assert p.returncode == 0, p.stderr
