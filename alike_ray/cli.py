@@ -94,7 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warnings_as_lines() -> None:
+    """What alike's own modules log as warnings (alike.kvm, alike.xen...) reaches the terminal as
+    `alike: warning:` lines, as the commands' own warnings do; nothing else of Python's logging."""
+    import logging
+
+    lg = logging.getLogger("alike")
+    if not any(getattr(h, "_alike", False) for h in lg.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("alike: warning: %(message)s"))
+        h.setLevel(logging.WARNING)
+        h._alike = True
+        lg.addHandler(h)
+        lg.propagate = False
+
+
 def main(argv=None) -> int:
+    _warnings_as_lines()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):

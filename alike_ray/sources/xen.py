@@ -40,7 +40,6 @@ import os
 import secrets
 import socket
 import ssl
-import stat
 import tempfile
 import time
 from urllib.parse import urlencode, urlparse
@@ -49,6 +48,7 @@ import numpy as np
 
 from . import nbd
 from .base import ExtentDisk, Snapshot, Source, SourceError, VMInfo, VMNotFound
+from .credentials import AuthError as XenAuthError, load_credentials
 
 log = logging.getLogger("alike.xen")
 
@@ -59,49 +59,12 @@ CBT_BLOCK = 64 * 1024      # VDI.list_changed_blocks granularity
 _STATES = {"Running": "running", "Halted": "halted", "Suspended": "suspended", "Paused": "paused"}
 
 
-class XenAuthError(SourceError):
-    """Wrong credentials, or a credentials file that may not be used: bad input."""
-
-    exit_code = 2
-
-
 def _xenapi():
     try:
         import XenAPI
     except ImportError:
         raise SourceError("the xen: source needs the XenAPI package: pip install 'alike-ray[xen]'") from None
     return XenAPI
-
-
-def load_credentials(path: str | None, kind: str = "XEN") -> tuple[str, str]:
-    """-> (username, password) from a TOML file of mode 0600 (or stricter), else from
-    ALIKE_<kind>_USERNAME / ALIKE_<kind>_PASSWORD."""
-    if path:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise XenAuthError(f"credentials file {path}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise XenAuthError(f"credentials file {path} is not a file")
-        if st.st_mode & 0o077:
-            raise XenAuthError(f"credentials file {path} may be read by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                               f"chmod 600 {path}")
-        import tomllib
-
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise XenAuthError(f"credentials file {path} cannot be read: {e}") from None
-        user, pw = data.get("username"), data.get("password")
-        if not isinstance(user, str) or not user or not isinstance(pw, str):
-            raise XenAuthError(f"credentials file {path} must hold username = \"...\" and password = \"...\"")
-        return user, pw
-    user, pw = os.environ.get(f"ALIKE_{kind}_USERNAME"), os.environ.get(f"ALIKE_{kind}_PASSWORD")
-    if not user or pw is None:
-        raise XenAuthError(f"no credentials: pass --credentials FILE (TOML with username and password, mode 0600) "
-                           f"or set ALIKE_{kind}_USERNAME and ALIKE_{kind}_PASSWORD")
-    return user, pw
 
 
 def _int(v, default: int = 0) -> int:
