@@ -65,6 +65,13 @@
 //     file and chain, and each snapshot's frozen file, as JSON. No authentication (loopback,
 //     tests only).
 //
+//   - A Fetch of an unset property (pyvmomi's vm.snapshot on a VM without snapshots) answers
+//     "unset": 0.24.2 panics on it and closes the connection. Any other panic of the simulator
+//     answers a SystemError fault.
+//   - Tasks of a snapshot (RemoveSnapshot_Task, RevertToSnapshot_Task) name the VM in
+//     info.entity, as vCenter does: 0.24.2 names the snapshot, which is no ManagedEntity, and
+//     pyvmomi's WaitForTask fails reading it (TypeError).
+//
 // Not done (as in 0.24.2): layoutEx is not rebuilt for the chains; resizing a disk that has
 // snapshots is accepted (vSphere refuses it); the vAPI /rest session accepts any non-empty
 // username and password.
@@ -448,11 +455,16 @@ func (s *server) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	method, this := soapCall(body)
-	forward := func(b []byte) *httptest.ResponseRecorder {
+	forward := func(b []byte) (rec *httptest.ResponseRecorder) {
 		r2 := r.Clone(r.Context())
 		r2.Body = io.NopCloser(bytes.NewReader(b))
 		r2.ContentLength = int64(len(b))
-		rec := httptest.NewRecorder()
+		rec = httptest.NewRecorder()
+		defer func() {
+			if p := recover(); p != nil {
+				rec = panicReply(method, p)
+			}
+		}()
 		s.inner.ServeHTTP(rec, r2)
 		return rec
 	}
@@ -472,8 +484,12 @@ func (s *server) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		rec = forward(body)
 	case strings.HasSuffix(method, "_Task") || method == "UnregisterVM":
 		s.mu.Lock()
+		var snapVM *simulator.VirtualMachine
+		if so := snapshotObject(this); so != nil {
+			snapVM, _ = simulator.Map.Get(so.Vm).(*simulator.VirtualMachine)
+		}
 		rec = forward(body)
-		s.afterTask(method, this, rec)
+		s.afterTask(method, this, snapVM, rec)
 		s.mu.Unlock()
 	default:
 		rec = forward(body)
@@ -486,10 +502,19 @@ func (s *server) serveSOAP(w http.ResponseWriter, r *http.Request) {
 }
 
 // afterTask brings disk files, snapshots and CBT in line with what the task did. s.mu held.
-func (s *server) afterTask(method string, this types.ManagedObjectReference, rec *httptest.ResponseRecorder) {
+func (s *server) afterTask(method string, this types.ManagedObjectReference, snapVM *simulator.VirtualMachine, rec *httptest.ResponseRecorder) {
 	var task *simulator.Task
 	if m := taskReturn.FindSubmatch(rec.Body.Bytes()); m != nil {
 		task, _ = simulator.Map.Get(types.ManagedObjectReference{Type: "Task", Value: string(m[1])}).(*simulator.Task)
+	}
+	if task != nil && snapVM != nil {
+		// 0.24.2 gives a snapshot's tasks (RemoveSnapshot_Task, RevertToSnapshot_Task) the
+		// snapshot as info.entity, which is no ManagedEntity: pyvmomi cannot read such a task.
+		// vCenter names the VM there.
+		simulator.Map.Update(task, []types.PropertyChange{
+			{Name: "info.entity", Val: snapVM.Self},
+			{Name: "info.entityName", Val: snapVM.Name},
+		})
 	}
 	ok := task != nil && task.Info.State == types.TaskInfoStateSuccess
 	err := s.reconcileAll()
@@ -517,6 +542,33 @@ func (s *server) afterTask(method string, this types.ManagedObjectReference, rec
 			})
 		}
 	}
+}
+
+const envelope = `<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenc="http://schemas.xmlsoap.org/soap/encoding/" ` +
+	`xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsd="http://www.w3.org/2001/XMLSchema" ` +
+	`xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>%s</soapenv:Body></soapenv:Envelope>`
+
+// panicReply answers a call that panicked in the simulator (0.24.2's Fetch of an unset property,
+// e.g. pyvmomi's vm.snapshot on a VM without snapshots, indexes an empty list): Fetch gets the
+// empty answer (the property is unset), anything else a SystemError fault instead of a
+// connection closed without a response.
+func panicReply(method string, p interface{}) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	rec.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	if method == "Fetch" {
+		rec.WriteHeader(http.StatusOK)
+		fmt.Fprintf(rec, envelope, `<FetchResponse xmlns="urn:vim25"></FetchResponse>`)
+		return rec
+	}
+	log.Printf("%s panicked in the simulator: %v", method, p)
+	var msg bytes.Buffer
+	_ = xml.EscapeText(&msg, []byte(fmt.Sprintf("%s: %v", method, p)))
+	rec.WriteHeader(http.StatusInternalServerError)
+	fmt.Fprintf(rec, envelope, `<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>`+msg.String()+
+		`</faultstring><detail><SystemErrorFault xmlns="urn:vim25" xsi:type="SystemError"><reason>`+msg.String()+
+		`</reason></SystemErrorFault></detail></soapenv:Fault>`)
+	return rec
 }
 
 const currentTimeRequest = `<?xml version="1.0" encoding="UTF-8"?>
