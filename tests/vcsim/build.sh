@@ -24,7 +24,7 @@ if [ -n "$missing" ]; then
   echo "vcsim build: installing$missing" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
-  apt-get install -y -qq --no-install-recommends $missing >&2 </dev/null
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null </dev/null
 fi
 
 mkdir -p "$cache"
