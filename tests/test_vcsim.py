@@ -375,3 +375,20 @@ def test_plain_http(tmp_path):
             assert len(disks_of(vm.config)) == 1
         finally:
             Disconnect(si)
+
+
+def test_independent_disk_is_left_out_of_snapshots(sim, si):
+    name = "DC0_H0_VM0"
+    vm = find_vm(si, name)
+    d1, d2 = disks_of(vm.config)
+    d2.backing.diskMode = "independent_persistent"
+    reconfigure(vm, deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=d2)])
+    s1 = snapshot(vm, "with-independent")
+    sd1, sd2 = disks_of(s1.config)
+    assert sd1.backing.fileName == f"[LocalDS_0] {name}/disk1.vmdk"
+    assert disks_of(vm.config)[0].backing.fileName == f"[LocalDS_0] {name}/disk1-000001.vmdk"
+    assert sd2.backing.fileName == disks_of(vm.config)[1].backing.fileName == f"[LocalDS_0] {name}/disk2.vmdk"
+    assert sd2.backing.diskMode == "independent_persistent"
+    WaitForTask(s1.RemoveSnapshot_Task(removeChildren=False))
+    assert [d.backing.fileName for d in disks_of(vm.config)] == [
+        f"[LocalDS_0] {name}/disk1.vmdk", f"[LocalDS_0] {name}/disk2.vmdk"]

@@ -15,6 +15,9 @@
 //     it) and whatever used the child (the VM, a later snapshot) uses the parent's name again; a
 //     node left without snapshot and children is deleted. Removing the only snapshot puts the VM
 //     back on its base disk ("disk1.vmdk").
+//   - Disks in an independent mode (diskMode independent_persistent / independent_nonpersistent)
+//     are left out of snapshots, as in vSphere: the snapshot's config names the live disk, with
+//     no changeId, and QueryChangedDiskAreas on it is a FileFault.
 //   - RevertToSnapshot_Task / RevertToCurrentSnapshot_Task put the VM on a new child node with a
 //     copy of the snapshot's contents (0.24.2 only moved the currentSnapshot pointer).
 //   - CBT: while config.changeTrackingEnabled is true, each disk has an epoch (a random 16-byte id)
@@ -532,6 +535,15 @@ func (s *server) freeze(vm *simulator.VirtualMachine, st *vmState, ref types.Man
 			continue
 		}
 		vb := flatBacking(d) // the VM's backing (shared pointer)
+		if strings.HasPrefix(vb.DiskMode, "independent") {
+			// independent disks are not part of snapshots: the snapshot names the live disk
+			sd := *d
+			sb := *vb
+			sb.ChangeId = ""
+			sd.Backing = &sb
+			snapDevices[i] = &sd
+			continue
+		}
 		frozen := ds.current
 		child, err := nextDeltaName(ds, frozen)
 		if err != nil {
@@ -805,8 +817,12 @@ func (s *server) qcdaLocked(vm *simulator.VirtualMachine, req *types.QueryChange
 		}
 	}
 	ds := st.disks[req.DeviceKey]
-	if disk == nil || ds == nil || node == "" {
+	if disk == nil || ds == nil {
 		return nil, invalidArg("deviceKey", fmt.Sprintf("no virtual disk with key %d", req.DeviceKey))
+	}
+	if node == "" {
+		return nil, fileFault(disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName,
+			"an independent disk is not part of the snapshot")
 	}
 	capacity := diskCapacity(disk)
 	targetID := flatBacking(disk).ChangeId

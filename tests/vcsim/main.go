@@ -42,23 +42,30 @@
 //     of another VM; InvalidArgument(deviceKey / startOffset); InvalidPowerState when no
 //     snapshot is given and the VM is powered on; NotAuthenticated without a session (the
 //     simulator's own dispatch answers that: the call is routed to a per-VM object of ours).
+//
 //   - backing.changeId (VirtualDiskFlatVer2BackingInfo) set at each snapshot of a VM whose
 //     config.changeTrackingEnabled is true, in the snapshot's config and the VM's current disk.
+//
 //   - Snapshots that freeze disk contents (0.24.2 never touches disk files at a snapshot): the
 //     snapshot's disk is the VM's disk of that instant and is not written again; the VM moves to
 //     "<base>-00000N.vmdk" (a full -flat copy, where vSphere has a sparse delta); removing
 //     snapshots consolidates back (removing the only snapshot puts the VM back on disk1.vmdk);
-//     reverting copies the snapshot's contents to a new current disk. See disks.go.
+//     reverting copies the snapshot's contents to a new current disk; independent disks are
+//     left out of snapshots. See disks.go.
+//
 //   - Disk files of capacity size: 0.24.2 creates empty descriptor and -flat files; the launcher
 //     writes a monolithic-flat descriptor and sizes -flat (sparse) to the disk's capacity after
 //     every task (CreateVM_Task, ReconfigVM_Task growing a disk, ...) and after a PUT.
+//
 //   - The model's disks are -disk-mb big (0.24.2: 1 MiB), DC0_H0_VM0 has a second disk
 //     (disk2.vmdk, -second-disk-mb), and with -seed each model disk holds some data (256 KiB at
 //     offset 0 and 1 MiB at the middle; read it through /folder, do not rely on its pattern).
+//
 //   - /folder asks for authentication as vCenter does (-folder-auth, on by default): the
 //     session's cookie (vmware_soap_session) or HTTP basic auth with the username and password;
 //     else 401. A PUT onto a disk file that a snapshot holds (any node of a chain that is not a
 //     VM's current disk) is refused with 409, as a locked file would be.
+//
 //   - Guest writes for tests: PUT /alike/write?vm=<name or moref>&disk=<device key>&offset=<n>
 //     writes the request body into the VM's CURRENT disk (whatever file that is after
 //     snapshots); GET /alike/disks?vm=<name> lists each disk's device key, capacity, current
@@ -68,6 +75,7 @@
 //   - A Fetch of an unset property (pyvmomi's vm.snapshot on a VM without snapshots) answers
 //     "unset": 0.24.2 panics on it and closes the connection. Any other panic of the simulator
 //     answers a SystemError fault.
+//
 //   - Tasks of a snapshot (RemoveSnapshot_Task, RevertToSnapshot_Task) name the VM in
 //     info.entity, as vCenter does: 0.24.2 names the snapshot, which is no ManagedEntity, and
 //     pyvmomi's WaitForTask fails reading it (TypeError).
