@@ -41,11 +41,16 @@ def build(timeout: float = 1800) -> str:
 
 
 class Vcsim:
-    """One launcher process. stop() ends only the process that start() started."""
+    """One launcher process. stop() ends only the process that start() started.
+
+    By default one QueryChangedDiskAreas answer covers at most 16 MiB and 64 areas (the launcher's
+    own defaults are 256 MiB and 1024), so that a client that does not loop over the disk fails
+    on the 64 MiB model disks. None leaves the launcher's default.
+    """
 
     def __init__(self, workdir, *, username: str = "alike", password: str = "alike-vcsim-pw",
                  http: bool = False, disk_mb: int = 64, second_disk_mb: int = 16, seed: bool = True,
-                 granule: int = 64 << 10, cbt_span: int | None = None, cbt_max_areas: int | None = None,
+                 granule: int = 64 << 10, cbt_span: int | None = 16 << 20, cbt_max_areas: int | None = 64,
                  folder_auth: bool = True, extra_args: tuple[str, ...] = ()):
         self.workdir = Path(workdir)
         self.username, self.password = username, password
