@@ -27,6 +27,8 @@ if [ "$(id -u)" = 0 ]; then
   pgrep -x virtlogd >/dev/null || /usr/sbin/virtlogd -d
   pgrep -x libvirtd >/dev/null || /usr/sbin/libvirtd -d
 fi
+# vmware: tests: govmomi's vCenter simulator, built from Debian's Go packages (cached: tests/vcsim/build.sh)
+bash tests/vcsim/build.sh >/dev/null || echo "tests/vcsim/build.sh failed: the vmware: tests will fail" >&2
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 export RAY_USAGE_STATS_ENABLED=0
 python3 -m pytest -q -p no:cacheprovider --durations=25 "$@"
