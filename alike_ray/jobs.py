@@ -269,9 +269,11 @@ def select(job: Job, node_id: str | None = None):
 
 
 def source_options(uri: str, credentials: str | None, ca_bundle: str | None, memory: bool, cbt: bool) -> dict:
-    """The options a hypervisor source of `uri` takes (xen: credentials, CA bundle, memory, cbt)."""
+    """The options a hypervisor source of `uri` takes (xen:, vmware:: credentials, CA bundle, memory, cbt)."""
     if uri.startswith("xen:"):
         return {"credentials": credentials, "ca_bundle": ca_bundle, "memory": memory, "cbt": cbt}
+    if uri.startswith("vmware:"):
+        return {"credentials": credentials, "ca_bundle": ca_bundle, "cbt": cbt}
     return {}
 
 

@@ -24,7 +24,12 @@ def open_source(spec: str, **options) -> Source:
         from .xen import XenSource
 
         return XenSource(rest, **options)
-    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH, kvm:LIBVIRT-URI or xen:POOL-URL")
+    if kind == "vmware":
+        from .vmware import VmwareSource
+
+        return VmwareSource(rest, **options)
+    raise SourceError(f"source kind {kind!r} is not supported: use image:PATH, kvm:LIBVIRT-URI, xen:POOL-URL "
+                      "or vmware:VCENTER-URL")
 
 
 def absolute_source(spec: str, base: str | None = None) -> str:
