@@ -121,3 +121,26 @@ def test_leftover_snapshot_removed(sim):
     with b.source.snapshot(VM) as snap:
         assert len(snap.disks) == 2
     assert b.residue() == before
+
+
+def test_older_server_without_changed_areas(tmp_path):
+    """A simulator as govmomi ships it (no QueryChangedDiskAreas, MethodNotFound): still a
+    working snapshot and a whole read, with a note saying what was missing; no CBT claimed."""
+    from alike_ray.sources.vmware import VmwareSource
+
+    with Vcsim(tmp_path / "plain", extra_args=("-no-changed-areas",)) as s:
+        creds = tmp_path / "vc.toml"
+        creds.write_text(f'username = "{s.username}"\npassword = "{s.password}"\n')
+        os.chmod(creds, 0o600)
+        src = VmwareSource(s.url, credentials=str(creds), ca_bundle=s.cert_file)
+        with src.snapshot(VM) as snap:
+            assert any("cannot say which areas are allocated" in n and "MethodNotFound" in n for n in snap.vm.notes), \
+                snap.vm.notes
+            d = snap.disks[0]
+            assert d.allocated_extents() == [(0, d.size)]
+            [cur] = [x for x in s.disks(VM)["disks"] if x["capacity"] == d.size]  # 64 MiB and 16 MiB: one each
+            with open(cur["path"], "rb") as f:  # the VM's current disk: nothing written since the snapshot
+                head = f.read(1 << 20)
+            assert d.read(0, 1 << 20).tobytes() == head and any(head)
+            if d.cbt_marker:
+                assert d.changed_extents(d.cbt_marker) is None and "refused the changeId" in d.cbt_note

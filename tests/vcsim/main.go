@@ -138,6 +138,7 @@ type server struct {
 	granule  int64
 	span     int64
 	maxAreas int
+	noQCDA   bool // -no-changed-areas: QueryChangedDiskAreas left to the simulator (MethodNotFound)
 	seed     maphash.Seed
 
 	inner      http.Handler
@@ -164,6 +165,7 @@ func main() {
 	folderAuth := flag.Bool("folder-auth", true, "/folder needs the session cookie or basic auth, as vCenter")
 	stdinEOF := flag.Bool("exit-on-stdin-eof", false, "exit when stdin closes (the parent died)")
 	trace := flag.Bool("trace", false, "SOAP traffic to stderr")
+	noQCDA := flag.Bool("no-changed-areas", false, "answer QueryChangedDiskAreas as the unmodified simulator does (MethodNotFound): an older server")
 	flag.Parse()
 	log.SetPrefix("vcsim: ")
 	if *granule <= 0 || *span < *granule || *maxAreas < 1 {
@@ -189,7 +191,7 @@ func main() {
 
 	s := &server{
 		vms: map[types.ManagedObjectReference]*vmState{}, granule: *granule, span: *span,
-		maxAreas: *maxAreas, seed: maphash.MakeSeed(), username: *username, password: *password,
+		maxAreas: *maxAreas, noQCDA: *noQCDA, seed: maphash.MakeSeed(), username: *username, password: *password,
 		folderAuth: *folderAuth, authCache: map[string]time.Time{},
 	}
 
@@ -478,7 +480,7 @@ func (s *server) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	}
 	var rec *httptest.ResponseRecorder
 	switch {
-	case method == "QueryChangedDiskAreas" && this.Type == "VirtualMachine":
+	case method == "QueryChangedDiskAreas" && this.Type == "VirtualMachine" && !s.noQCDA:
 		if _, ok := simulator.Map.Get(this).(*simulator.VirtualMachine); ok {
 			ref := types.ManagedObjectReference{Type: "AlikeChangeTracker", Value: "alike-cbt-" + this.Value}
 			if simulator.Map.Get(ref) == nil {
