@@ -46,7 +46,21 @@ def cmd_restore(args) -> int:
             _checks.at_least(args.vcpus, 1, "--vcpus")
         disks = [n for n in range(ndisks) if n not in memory_disk]
         xen.check(name, args.sr, [meta["disks"][n]["size"] for n in range(ndisks)], args.network or [])
-        return _restore_into_xen(args, url, st, vm, version, meta, xen, name, disks, memory_disk)
+        return _restore_into(args, url, st, vm, version, meta, xen, name, disks, memory_disk)
+    if args.to.startswith("vmware:"):  # a full restore into vSphere: a new VM there
+        from ..restore.vmware import VmwareTarget
+
+        target = VmwareTarget(args.to[len("vmware:"):], args.credentials, args.ca_bundle)
+        name = args.name or f"{vm}-restored"
+        for v, flag in ((args.memory, "--memory"), (args.vcpus, "--vcpus")):
+            if v is not None:
+                _checks.at_least(v, 1, flag)
+        disks = [n for n in range(ndisks) if n not in memory_disk]
+        if args.network and len(args.network) > 1:
+            raise StoreError("--to vmware: takes one --network (every NIC goes on it)")
+        target.check(name, args.datastore, args.folder, args.resource_pool, [meta["disks"][n]["size"] for n in disks],
+                     (args.network or [None])[0])
+        return _restore_into(args, url, st, vm, version, meta, target, name, disks, [])
     if args.to.startswith("kvm:"):  # a full restore into a hypervisor: a new VM there
         from ..restore import hypervisor
 
@@ -132,9 +146,9 @@ def cmd_restore(args) -> int:
     return 0
 
 
-def _restore_into_xen(args, url, st, vm, version, meta, xen, name, disks, memory_disk) -> int:
+def _restore_into(args, url, st, vm, version, meta, target, name, disks, memory_disk) -> int:
     """Restore the disks (and a memory image) into raw files in a scratch folder, then build the VM
-    in the pool from them (restore/xen.py); the files go in any case."""
+    on the hypervisor from them (restore/xen.py, restore/vmware.py); the files go in any case."""
     import tempfile
 
     from pipelines.cluster import local_node_id
@@ -154,17 +168,18 @@ def _restore_into_xen(args, url, st, vm, version, meta, xen, name, disks, memory
             bar.close()
         pairs = [(meta["disks"][n], r) for n, r in zip(want, raws)]
         mem = pairs[len(disks)] if memory_disk else None
-        res["vm_created"] = xen.create(name, meta, pairs[:len(disks)], mem, args.start, args.memory, args.vcpus)
+        res["vm_created"] = target.create(name, meta, pairs[:len(disks)], mem, args.start, args.memory, args.vcpus)
     finally:
         for r in raws:
             if os.path.exists(r):
                 os.unlink(r)
-        xen.close()
+        target.close()
     res["seconds"] = round(time.monotonic() - t0, 3)
     res.update(disks=want, target=args.to)
     made = res["vm_created"]
-    text = (f"restored {vm}@{version} into {xen.url} as VM {name} ({made['uuid']}, {made['state']}, "
-            f"SR {made['sr']!r}): {_h(res['logical_bytes'])}, {_h(res['written_bytes'])} of data, {res['seconds']:.1f}s")
+    where = f"SR {made['sr']!r}" if "sr" in made else f"datastore {made['datastore']!r}"
+    text = (f"restored {vm}@{version} into {target.url} as VM {name} ({made['uuid']}, {made['state']}, "
+            f"{where}): {_h(res['logical_bytes'])}, {_h(res['written_bytes'])} of data, {res['seconds']:.1f}s")
     for note in made.get("notes", []):
         text += f"\nnote: {note}"
     _emit(args, res, text)
@@ -179,15 +194,20 @@ def register(add, sub) -> None:
              "with qemu-img check and compare.")
     sp.add_argument("vm", metavar="VM[@VERSION]")
     sp.add_argument("--to", required=True,
-                    help="target file, folder (several disks), kvm:URI for a new VM on that libvirt host, or "
-                         "xen:POOL-MASTER-URL for a new VM in that pool")
+                    help="target file, folder (several disks), kvm:URI for a new VM on that libvirt host, "
+                         "xen:POOL-MASTER-URL for a new VM in that pool, or vmware:VCENTER-URL for a new VM there")
     sp.add_argument("--disk", default="all", help="disk number to restore, or all (default)")
     sp.add_argument("--name", help="with --to kvm: or xen: the new VM's name (default VM-restored)")
+    sp.add_argument("--datastore", help="with --to vmware:URL: the datastore for the disks (default: the one "
+                                        "with most free space)")
+    sp.add_argument("--folder", help="with --to vmware:URL: the VM folder, a path under the datacenter's VM folder")
+    sp.add_argument("--resource-pool", metavar="HOST-OR-CLUSTER",
+                    help="with --to vmware:URL: the host or cluster whose resource pool runs the VM")
     sp.add_argument("--sr", help="with --to xen:URL: the SR (name or uuid) for the disks (default: the pool's default SR)")
     sp.add_argument("--network", action="append", metavar="[NIC=]NETWORK",
                     help="with --to xen:URL: connect the VM's NICs (or the NIC named NIC, by device or original "
                          "network) to NETWORK (name or uuid); repeatable; NICs not mapped are left out")
-    sp.add_argument("--scratch-dir", help="with --to xen:URL: where the disks are restored before the import "
+    sp.add_argument("--scratch-dir", help="with --to xen: or vmware:: where the disks are restored before the import "
                                           "(default: the temporary folder)")
     from .backup import add_hypervisor_options
 
