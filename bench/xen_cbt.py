@@ -211,6 +211,18 @@ def _md(xs):
     return statistics.median(xs) if xs else None
 
 
+def _outside(x):
+    """Seconds of the command outside alike's own `seconds`: process start, Ray connect, exit."""
+    own = x["alike"].get("seconds")
+    return None if own is None else x["seconds"] - own
+
+
+def _own_net(x):
+    """alike's own `seconds` minus the test server's snapshot copy and changed-block comparison."""
+    own = x["alike"].get("seconds")
+    return None if own is None else own - x["server"]["snapshot_copy"] - x["server"]["changed_blocks"]
+
+
 def summary(results) -> dict:
     """Medians of what the report shows (cbt.medians for the seconds and read bytes of each tool)."""
     med = cbt.medians(results)   # keyed by cbt's tool names: alike, borg, restic
@@ -221,7 +233,8 @@ def summary(results) -> dict:
                  own_seconds=_md(r["alike"].get("seconds") for r in al),
                  snapshot_copy=_md(r["server"]["snapshot_copy"] for r in al),
                  changed_blocks=_md(r["server"]["changed_blocks"] for r in al),
-                 write_seconds=_md(r.get("write_seconds") for r in al))
+                 write_seconds=_md(r.get("write_seconds") for r in al),
+                 outside_seconds=_md(_outside(r) for r in al), own_net_seconds=_md(_own_net(r) for r in al))
         for k in ("first", "nochange"):
             xs = [r[k] for r in al]
             m[k] = dict(seconds=_md(x["seconds"] for x in xs), net_seconds=_md(x["net_seconds"] for x in xs),
@@ -229,7 +242,8 @@ def summary(results) -> dict:
                         read_bytes=_md(x["read_bytes"] for x in xs),
                         snapshot_copy=_md(x["server"]["snapshot_copy"] for x in xs),
                         changed_blocks=_md(x["server"]["changed_blocks"] for x in xs),
-                        all_seconds=[x["seconds"] for x in xs])
+                        all_seconds=[x["seconds"] for x in xs],
+                        outside_seconds=_md(_outside(x) for x in xs), own_net_seconds=_md(_own_net(x) for x in xs))
     return med
 
 
@@ -301,7 +315,12 @@ def report(d: dict) -> str:
                  f"connect; the server's costs included) {a['own_seconds']:.2f} s; the first (full) xen: backup "
                  f"{a['first']['seconds']:.2f} s (net {a['first']['net_seconds']:.2f} s), read "
                  f"{(a['first']['read_bytes'] or 0) / 1e6:,.1f} MB; writing the day's extents into the VDI "
-                 f"{a['write_seconds']:.1f} s; the floor: own `seconds` {f['own_seconds']:.2f} s.")
+                 f"{a['write_seconds']:.1f} s; the floor: own `seconds` {f['own_seconds']:.2f} s."
+                 + (f" Where the net seconds go (medians): in the CBT backup {a['own_net_seconds']:.2f} s inside "
+                    f"the command (own `seconds` minus the server's costs) and {a['outside_seconds']:.2f} s outside "
+                    f"it (process start, Ray connect, exit); in the floor {f['own_net_seconds']:.2f} s and "
+                    f"{f['outside_seconds']:.2f} s." if a.get("own_net_seconds") is not None
+                    and f.get("own_net_seconds") is not None else ""))
     L.append("")
     L.append("Per-run seconds: " + "; ".join(f"{ROWS[t]}: {', '.join(f'{x:.2f}' for x in med[t]['all_seconds'])}"
                                             for t in ROWS if t in med)
@@ -329,6 +348,8 @@ def main(argv=None):
     md_path, js_path = os.path.join(a.results, "latest.md"), os.path.join(a.results, "xen_cbt.json")
     if a.report_only:
         d = json.load(open(js_path)) if os.path.exists(js_path) else {}
+        if d.get("results"):
+            d["medians"] = summary(d["results"])
         if a.note and d.get("meta"):
             d["meta"]["note"] = a.note
             with open(js_path, "w") as f:
