@@ -251,7 +251,7 @@ def report(d: dict) -> str:
     L = [BEGIN, "", "# day-later backup with changed block tracking (xen: source)", ""]
     if not d.get("medians"):
         return "\n".join(L + ["(no results yet: `python bench/xen_cbt.py --runs 3`)", END]) + "\n"
-    meta, med, results = d["meta"], d["medians"], d["results"]
+    meta, med = d["meta"], d["medians"]
     used = meta["used_bytes"]
     L.append(f"The *realistic day* of bench/cbt.py on a Xen VM: a {meta['logical_bytes'] / 2**30:.0f} GiB disk holding "
              f"{used / 1e9:,.2f} GB of data (bench/work/corpus-16g, `corpus.build_realistic`); the day changed "
