@@ -562,7 +562,8 @@ def report(med: dict, meta: dict, results: list) -> str:
 
 def write_latest(path: str, md: str) -> None:
     """Write latest.md, keeping the sections the other benches own (between their
-    `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers: cbt.py, gc.py, restore_bench.py)."""
+    `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers, e.g. `<!-- bench/cbt.py: begin -->`:
+    cbt.py, xen_cbt.py, gc.py, restore_bench.py; any NAME is kept, in the order found)."""
     old = open(path).read() if os.path.exists(path) else ""
     marker = r"<!-- (\S+?):? ?begin -->.*?<!-- \1:? ?end -->"
     sections = [m.group(0) for m in re.finditer(marker, old, flags=re.S)]

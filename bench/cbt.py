@@ -371,8 +371,14 @@ class CbtRestic(bench.Restic):
     name = "cbt-restic"
 
 
-def peer_steps(tool: str, a, images, run_no, work) -> dict:
-    t = (CbtBorg if tool == "borg" else CbtRestic)(work, images, run_no)
+PEERS = {"borg": CbtBorg, "restic": CbtRestic}
+
+
+def peer_steps(tool: str, a, images, run_no, work, peers=None) -> dict:
+    """borg or restic into a repository already holding vm1.raw (untimed): a timed archive/snapshot of
+    vm1-day2.raw, the full re-read. `peers`: {tool: Tool class} (their names make the repository dirs;
+    bench/xen_cbt.py passes its own)."""
+    t = (peers or PEERS)[tool](work, images, run_no)
     try:
         t.setup()
         corpus_dir = os.path.dirname(images["vm1"])
