@@ -15,7 +15,8 @@
     [options]
     method = "enhanced"                      # agentless (the agent comes with its own issue)
     cbt = true                               # changed block tracking where the source has it
-    memory = false                           # disk-and-memory snapshots where the platform can
+    memory = false                           # disk-and-memory snapshots where the platform can (xen:)
+    quiesce = false                          # quiesced snapshots through the guest's tools (vmware:)
     parallel = 1                             # simultaneous VMs
     full = false                             # always full/baseline: no munge cache
     vault_to = "s3://bucket/offsite"         # vault the new versions right after the backup
@@ -59,7 +60,7 @@ SCHEMA = {
     "": {"name": str, "store": str, "endpoint": str, "profile": str, "sources": list,
          "select": dict, "options": dict, "retention": dict},
     "select": {"vms": list, "keyword": str, "tags": list, "exclude": list},
-    "options": {"method": str, "cbt": bool, "memory": bool, "parallel": int, "full": bool,
+    "options": {"method": str, "cbt": bool, "memory": bool, "quiesce": bool, "parallel": int, "full": bool,
                 "vault_to": str, "vault_endpoint": str, "vault_profile": str, "validate": bool,
                 "validate_all": bool},
 }
@@ -85,6 +86,7 @@ class Job:
     method: str = "enhanced"
     cbt: bool = True
     memory: bool = False
+    quiesce: bool = False
     parallel: int = 1
     full: bool = False
     vault_to: str | None = None
@@ -184,7 +186,7 @@ def load(path: str, base: str | None = None) -> Job:
                endpoint=data.get("endpoint"), profile=data.get("profile"),
                vms=sel.get("vms", []), keyword=sel.get("keyword"), tags=sel.get("tags", []),
                exclude=sel.get("exclude", []), retention=retention,
-               **{k: opt[k] for k in ("method", "cbt", "memory", "parallel", "full", "vault_to",
+               **{k: opt[k] for k in ("method", "cbt", "memory", "quiesce", "parallel", "full", "vault_to",
                                       "vault_endpoint", "vault_profile", "validate", "validate_all") if k in opt})
 
 
@@ -242,7 +244,8 @@ def select(job: Job, node_id: str | None = None):
         if s["uri"].startswith("image:"):
             opts["name"] = s.get("name")
         else:
-            opts.update(source_options(s["uri"], s.get("credentials"), s.get("ca_bundle"), job.memory, job.cbt))
+            opts.update(source_options(s["uri"], s.get("credentials"), s.get("ca_bundle"), job.memory, job.cbt,
+                                       job.quiesce))
         try:
             src = open_source(s["uri"], **opts)
             vms = src.list_vms()
@@ -268,12 +271,13 @@ def select(job: Job, node_id: str | None = None):
     return taken, problems
 
 
-def source_options(uri: str, credentials: str | None, ca_bundle: str | None, memory: bool, cbt: bool) -> dict:
+def source_options(uri: str, credentials: str | None, ca_bundle: str | None, memory: bool, cbt: bool,
+                   quiesce: bool = False) -> dict:
     """The options a hypervisor source of `uri` takes (xen:, vmware:: credentials, CA bundle, memory, cbt)."""
     if uri.startswith("xen:"):
         return {"credentials": credentials, "ca_bundle": ca_bundle, "memory": memory, "cbt": cbt}
     if uri.startswith("vmware:"):
-        return {"credentials": credentials, "ca_bundle": ca_bundle, "cbt": cbt}
+        return {"credentials": credentials, "ca_bundle": ca_bundle, "cbt": cbt, "quiesce": quiesce}
     return {}
 
 

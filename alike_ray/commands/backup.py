@@ -88,7 +88,7 @@ def _source_options(args, spec: str) -> dict:
 
     if spec.startswith("image:"):
         return {"name": args.name, "shared": args.shared}
-    return source_options(spec, args.credentials, args.ca_bundle, args.memory, not args.no_cbt)
+    return source_options(spec, args.credentials, args.ca_bundle, args.memory, not args.no_cbt, args.quiesce)
 
 
 def _choose(args) -> list[Pick]:
@@ -132,8 +132,8 @@ def register(add, sub) -> None:
     sp = add("backup", cmd_backup, "back up VMs (a full version that stores only new data)",
              "Back up one or more sources. Each becomes a version of its VM: complete on its own, "
              "storing only blocks the store lacks. Sources: image:PATH[,PATH...] (raw or qcow2 "
-             "files, block devices), kvm:LIBVIRT-URI (with --vm), xen:POOL-MASTER-URL (with --vm and "
-             "--credentials).")
+             "files, block devices), kvm:LIBVIRT-URI (with --vm), xen:POOL-MASTER-URL and "
+             "vmware:VCENTER-URL (with --vm and --credentials).")
     sp.add_argument("sources", nargs="+", metavar="SOURCE", help="e.g. image:/var/lib/images/web.qcow2")
     sp.add_argument("--name", help="VM name (default: the image file's name without extension)")
     sp.add_argument("--vm", action="append", help="a VM of a multi-VM source such as kvm:URI (repeatable)")
@@ -141,6 +141,8 @@ def register(add, sub) -> None:
     add_hypervisor_options(sp)
     sp.add_argument("--memory", action="store_true",
                     help="xen: a disk-and-memory checkpoint of a running VM (its memory image is kept with the version)")
+    sp.add_argument("--quiesce", action="store_true",
+                    help="vmware: a quiesced snapshot (the guest's tools flush its filesystems first)")
     sp.add_argument("--parallel", type=int, default=2, help="VMs backed up at once (default 2)")
     sp.add_argument("--full", action="store_true",
                     help="always full/baseline: ignore the previous version as munge cache")
@@ -160,11 +162,12 @@ def register(add, sub) -> None:
 def add_hypervisor_options(sp) -> None:
     """--credentials and --ca-bundle, for commands that talk to a hypervisor (xen:)."""
     sp.add_argument("--credentials", metavar="FILE",
-                    help="xen: TOML file with username and password, mode 0600 (else $ALIKE_XEN_USERNAME and "
-                         "$ALIKE_XEN_PASSWORD); never put a password on the command line")
+                    help="xen:, vmware:: TOML file with username and password, mode 0600 (else "
+                         "$ALIKE_XEN_USERNAME/$ALIKE_XEN_PASSWORD, $ALIKE_VMWARE_USERNAME/$ALIKE_VMWARE_PASSWORD); "
+                         "never put a password on the command line")
     sp.add_argument("--ca-bundle", metavar="FILE",
-                    help="xen: CA certificates (PEM) that sign the pool master's TLS certificate "
-                         "(default: the system's)")
+                    help="xen:, vmware:: CA certificates (PEM) that sign the server's TLS certificate, or "
+                         "that certificate itself (default: the system's CAs)")
 
 
 def _client_args(d: dict) -> None:

@@ -12,7 +12,7 @@ def cmd_inventory(args) -> int:
 
     from ..jobs import source_options
 
-    src = open_source(args.source, **source_options(args.source, args.credentials, args.ca_bundle, False, True))
+    src = open_source(args.source, **source_options(args.source, args.credentials, args.ca_bundle, False, True))  # listing only
     vms = src.list_vms()
     rows = [{"name": v.name, "id": v.id, "state": v.power_state, "tags": v.tags,
              "disks": [{"name": n, "size": sz} for n, sz in v.disks], "notes": v.notes} for v in vms]
@@ -30,7 +30,7 @@ def cmd_inventory(args) -> int:
 
 def register(add, sub) -> None:
     sp = sub.add_parser("inventory", help="list the VMs of a source", epilog=EPILOG,
-                        description="List the VMs of a source (image:PATH, kvm:URI, xen:POOL-MASTER-URL): "
+                        description="List the VMs of a source (image:PATH, kvm:URI, xen:POOL-MASTER-URL, vmware:VCENTER-URL): "
                                     "names, state, disks, tags.")
     sp.add_argument("source", metavar="SOURCE")
     from .backup import add_hypervisor_options
