@@ -9,7 +9,8 @@
     [select]                                 # evaluated at every run; none = every VM
     vms = ["web", "db"]                      # these names
     keyword = "web"                          # names containing it (or matching it, as a glob)
-    tags = ["prod"]                          # VMs with any of these tags
+    tags = ["prod"]                          # VMs with any of these tags (xen:, vmware:, kvm: metadata)
+    folders = ["Production/Web"]             # vmware: VMs in these folders (or below)
     exclude = ["scratch"]                    # never these names
 
     [options]
@@ -37,7 +38,7 @@ of each VM are always kept; onsite retention is skipped when validation finds da
 versions may be the intact ones); offsite retention without vault_to is skipped, with a note in
 the run. A failed prune is recorded and makes the run fail; it never undoes the backups.
 
-A VM is taken when it matches any of vms, keyword or tags, and is not excluded. Runs are
+A VM is taken when it matches any of vms, keyword, tags or folders, and is not excluded. Runs are
 recorded under jobs/<name>/runs/<run id>.json on the job's store.
 
 `run(job, spec)` is a whole run (what `alike job run`, `alike server` and a scheduler call);
@@ -59,7 +60,7 @@ from storage.store import VM_NAME
 SCHEMA = {
     "": {"name": str, "store": str, "endpoint": str, "profile": str, "sources": list,
          "select": dict, "options": dict, "retention": dict},
-    "select": {"vms": list, "keyword": str, "tags": list, "exclude": list},
+    "select": {"vms": list, "keyword": str, "tags": list, "folders": list, "exclude": list},
     "options": {"method": str, "cbt": bool, "memory": bool, "quiesce": bool, "parallel": int, "full": bool,
                 "vault_to": str, "vault_endpoint": str, "vault_profile": str, "validate": bool,
                 "validate_all": bool},
@@ -82,6 +83,7 @@ class Job:
     vms: list[str] = field(default_factory=list)
     keyword: str | None = None
     tags: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # vmware: VM folders (and the folders below them)
     exclude: list[str] = field(default_factory=list)
     method: str = "enhanced"
     cbt: bool = True
@@ -96,10 +98,12 @@ class Job:
     validate_all: bool = False
     retention: dict = field(default_factory=dict)  # "onsite"/"offsite" -> retention.Policy (only those set)
 
-    def selects(self, name: str, tags: list[str]) -> bool:
+    def selects(self, name: str, tags: list[str], folder: str = "") -> bool:
         if name in self.exclude:
             return False
-        if not (self.vms or self.keyword or self.tags):
+        if not (self.vms or self.keyword or self.tags or self.folders):
+            return True
+        if folder and any(folder == f.strip("/") or folder.startswith(f.strip("/") + "/") for f in self.folders):
             return True
         if name in self.vms:
             return True
@@ -163,7 +167,7 @@ def load(path: str, base: str | None = None) -> Job:
     if not sources:
         raise JobError(f"{path}: the job has no sources: add sources = [\"image:/path/disk.raw\"] or a kvm: URI")
     sel, opt = data.get("select", {}), data.get("options", {})
-    for key in ("vms", "tags", "exclude"):
+    for key in ("vms", "tags", "folders", "exclude"):
         if not all(isinstance(x, str) for x in sel.get(key, [])):
             raise JobError(f"{path}: {key} in [select] must be a list of strings")
     if opt.get("method", "enhanced") != "enhanced":
@@ -185,6 +189,7 @@ def load(path: str, base: str | None = None) -> Job:
     return Job(path=path, name=data["name"], sources=sources, store=data.get("store"),
                endpoint=data.get("endpoint"), profile=data.get("profile"),
                vms=sel.get("vms", []), keyword=sel.get("keyword"), tags=sel.get("tags", []),
+               folders=sel.get("folders", []),
                exclude=sel.get("exclude", []), retention=retention,
                **{k: opt[k] for k in ("method", "cbt", "memory", "quiesce", "parallel", "full", "vault_to",
                                       "vault_endpoint", "vault_profile", "validate", "validate_all") if k in opt})
@@ -259,7 +264,7 @@ def select(job: Job, node_id: str | None = None):
             seen.add(vm.name)
             if s.get("tags"):  # tags given in the job for sources without their own (images)
                 vm.tags = sorted(set(vm.tags) | set(s["tags"]))
-            if job.selects(vm.name, vm.tags):
+            if job.selects(vm.name, vm.tags, vm.folder):
                 taken.append((src, vm))
     for v in job.vms:
         if v not in seen:

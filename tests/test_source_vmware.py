@@ -144,3 +144,49 @@ def test_older_server_without_changed_areas(tmp_path):
             assert d.read(0, 1 << 20).tobytes() == head and any(head)
             if d.cbt_marker:
                 assert d.changed_extents(d.cbt_marker) is None and "refused the changeId" in d.cbt_note
+
+
+def test_tags_and_folders(sim):
+    """vSphere tags through the tagging REST API (the simulator's own /rest), and the VM's folder."""
+    import base64
+    import json
+    import urllib.request
+
+    from alike_ray.sources.vmware import VmwareSource
+
+    def req(method, path, data=None, headers=None):
+        r = urllib.request.Request(sim.base_url + "/rest/com/vmware/cis" + path, method=method,
+                                   data=json.dumps(data).encode() if data is not None else None,
+                                   headers={"Content-Type": "application/json", **(headers or {})})
+        with urllib.request.urlopen(r, context=sim.ssl_context()) as resp:
+            body = resp.read()
+            return json.loads(body)["value"] if body else None
+
+    auth = base64.b64encode(f"{sim.username}:{sim.password}".encode()).decode()
+    h = {"vmware-api-session-id": req("POST", "/session", headers={"Authorization": "Basic " + auth})}
+    cat = req("POST", "/tagging/category", {"create_spec": {"name": "env", "description": "", "cardinality": "MULTIPLE",
+                                                           "associable_types": []}}, h)
+    src = VmwareSource(sim.url, credentials=sim.creds, ca_bundle=sim.cert_file)
+    conn = src.login()
+    try:
+        [vm] = [v for v in conn.vms() if v.name == "DC0_C0_RP0_VM1"]
+        for name in ("prod", "db"):
+            tag = req("POST", "/tagging/tag", {"create_spec": {"name": name, "description": "", "category_id": cat}}, h)
+            req("POST", f"/tagging/tag-association/id:{tag}?~action=attach",
+                {"object_id": {"id": vm._moId, "type": "VirtualMachine"}}, h)
+        from pyVim.task import WaitForTask
+
+        dc = conn.content.rootFolder.childEntity[0]
+        web = dc.vmFolder.CreateFolder("Prod").CreateFolder("Web")
+        WaitForTask(web.MoveIntoFolder_Task([vm]))
+    finally:
+        conn.close()
+    vms = {v.name: v for v in src.list_vms()}
+    assert vms["DC0_C0_RP0_VM1"].tags == ["db", "prod"]
+    assert vms[VM].tags == []
+    assert vms["DC0_C0_RP0_VM1"].folder == "Prod/Web" and vms[VM].folder == ""
+    from alike_ray.jobs import Job
+
+    job = Job(path="j.toml", name="j", sources=[], folders=["Prod"])
+    assert [n for n, v in sorted(vms.items()) if job.selects(n, v.tags, v.folder)] == ["DC0_C0_RP0_VM1"]
+    assert not Job(path="j.toml", name="j", sources=[], folders=["Pro"]).selects("x", [], "Prod/Web")

@@ -92,6 +92,7 @@ class VMInfo:
     # what a restore into a hypervisor needs to rebuild the VM (vcpus, memory_bytes, description,
     # nics, boot settings; "platform" names where it came from): recorded with the version
     shape: dict = field(default_factory=dict)
+    folder: str = ""  # where the platform files it (vmware: the VM folder path under the datacenter)
 
     def __post_init__(self):
         self.disks = [DiskInfo(str(n), int(s)) for n, s in self.disks]

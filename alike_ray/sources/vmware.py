@@ -79,7 +79,8 @@ class Conn:
         u = urlparse(url)
         self.url, self.scheme, self.host = url, u.scheme, u.hostname
         self.port = u.port or (443 if u.scheme == "https" else 80)
-        kw = {"sslContext": https_context(ca_bundle)} if u.scheme == "https" else {}
+        self.ssl_ctx = https_context(ca_bundle) if u.scheme == "https" else None
+        kw = {"sslContext": self.ssl_ctx} if self.ssl_ctx else {}
         try:
             self.si = connect.SmartConnect(protocol=u.scheme, host=self.host, port=self.port, user=username,
                                            pwd=password, **kw)
@@ -149,6 +150,63 @@ def _disks(vim, devices) -> list[tuple[str, object, str | None]]:
             why = f"disk {name} is a physical RDM: it cannot be snapshotted; skipped"
         out.append((name, d, why))
     return sorted(out, key=lambda t: t[0])
+
+
+def _folder(vm) -> str:
+    """The VM's folder path under its datacenter's VM folder ("" at the top)."""
+    from pyVmomi import vim
+
+    parts, p = [], vm.parent
+    while p is not None and isinstance(p, vim.Folder) and not isinstance(p.parent, vim.Datacenter):
+        parts.append(p.name)
+        p = p.parent
+    return "/".join(reversed(parts))
+
+
+def rest_tags(conn: "Conn", username: str, password: str, ids: list[str]) -> dict[str, list[str]] | None:
+    """vSphere tags of the VMs `ids` (managed object ids) through the tagging REST API (/rest,
+    as vCenter 6.5+ and the simulator have it) -> {id: [tag names]}, or None where the server has
+    no tagging API (an ESXi host, an old vCenter): then the custom attribute `tags` is used."""
+    import base64
+    import json
+
+    path_base = "/rest/com/vmware/cis"
+    c = (http.client.HTTPSConnection(conn.host, conn.port, context=conn.ssl_ctx, timeout=60)
+         if conn.scheme == "https" else http.client.HTTPConnection(conn.host, conn.port, timeout=60))
+
+    def call(method, path, body=None, headers=None):
+        c.request(method, path_base + path, body=json.dumps(body) if body is not None else None,
+                  headers={"Content-Type": "application/json", **(headers or {})})
+        r = c.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise OSError(f"HTTP {r.status}")
+        return json.loads(data)["value"] if data else None
+
+    try:
+        auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+        token = call("POST", "/session", headers={"Authorization": "Basic " + auth})
+        h = {"vmware-api-session-id": token}
+        try:
+            found = call("POST", "/tagging/tag-association?~action=list-attached-tags-on-objects",
+                         {"object_ids": [{"id": i, "type": "VirtualMachine"} for i in ids]}, h) or []
+            names: dict[str, str] = {}
+            out = {}
+            for entry in found:
+                for t in entry.get("tag_ids") or []:
+                    if t not in names:
+                        names[t] = call("GET", f"/tagging/tag/id:{t}", headers=h)["name"]
+                out[entry["object_id"]["id"]] = sorted(names[t] for t in entry.get("tag_ids") or [])
+            return out
+        finally:
+            try:
+                call("DELETE", "/session", headers=h)
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        c.close()
 
 
 def _tags(vm) -> list[str]:
@@ -296,7 +354,7 @@ class VmwareSource(Source):
     def login(self) -> Conn:
         return Conn(self.url, self.username, self._password, self.ca_bundle)
 
-    def _info(self, conn: Conn, vm) -> VMInfo:
+    def _info(self, conn: Conn, vm, tags: list[str] | None = None) -> VMInfo:
         cfg = vm.config
         notes = list(self.notes)
         disks = []
@@ -309,23 +367,24 @@ class VmwareSource(Source):
                  "network": getattr(getattr(d.backing, "network", None), "name", None)
                  or getattr(d.backing, "deviceName", None)}
                 for d in cfg.hardware.device if isinstance(d, conn.vim.vm.device.VirtualEthernetCard)]
-        info = VMInfo(vm.name, cfg.instanceUuid or cfg.uuid, disks, _tags(vm),
-                      _STATES.get(str(vm.runtime.powerState), "unknown"), notes)
+        info = VMInfo(vm.name, cfg.instanceUuid or cfg.uuid, disks, sorted(set(_tags(vm)) | set(tags or [])),
+                      _STATES.get(str(vm.runtime.powerState), "unknown"), notes, folder=_folder(vm))
         info.shape = {"platform": "vmware", "vcpus": int(cfg.hardware.numCPU or 1),
                       "memory_bytes": int(cfg.hardware.memoryMB or 0) << 20, "guest_id": cfg.guestId or "",
                       "description": cfg.annotation or "", "nics": nics}
         return info
 
     def _all(self, conn: Conn):
-        out = []
+        vms = []
         for vm in conn.vms():
             try:
                 cfg = vm.config
             except conn.vmodl.MethodFault:
                 continue
-            if cfg is None or cfg.template:
-                continue
-            out.append((vm, self._info(conn, vm)))
+            if cfg is not None and not cfg.template:
+                vms.append(vm)
+        tags = rest_tags(conn, self.username, self._password, [vm._moId for vm in vms]) or {}
+        out = [(vm, self._info(conn, vm, tags.get(vm._moId))) for vm in vms]
         return sorted(out, key=lambda t: t[1].name)
 
     def list_vms(self) -> list[VMInfo]:
