@@ -231,3 +231,30 @@ def test_bad_inputs(alike, sim, tmp_path):
     alike.json("backup", "--store", store, url, "--vm", "DC0_C0_RP0_VM1", *auth(sim))
     refused(alike("restore", "--store", store, "DC0_C0_RP0_VM1", "--to", url, "--datastore", "nope", *auth(sim)),
             2, "no datastore 'nope'")
+
+
+def test_datastore_full_is_refused_before_any_data_moves(alike, sim, tmp_path):
+    """A datastore on a real filesystem that is too small (a 40 MiB tmpfs under the simulator's
+    datastore folder): the restore is refused with exit 4 before any VM or file is made."""
+    if os.geteuid() != 0:
+        pytest.skip("not applicable: mounting a small filesystem needs root")
+    store = tmp_path / "ads"
+    alike.json("init", "--store", store)
+    alike.json("backup", "--store", store, f"vmware:{sim.url}", "--vm", VM, *auth(sim))  # 80 MiB of disks
+    work = tmp_path / "small"
+    ds = work / "state" / "datastores"
+    ds.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(ds)], check=True)
+    try:
+        with Vcsim(work, disk_mb=4, second_disk_mb=0) as small:
+            creds = tmp_path / "small.toml"
+            creds.write_text(f'username = "{small.username}"\npassword = "{small.password}"\n')
+            os.chmod(creds, 0o600)
+            p = alike("restore", "--store", store, VM, "--to", f"vmware:{small.url}", "--name", "too-big",
+                      "--credentials", creds, "--ca-bundle", small.cert_file)
+            assert p.returncode == 4, p.stderr
+            [line] = [ln for ln in p.stderr.splitlines() if ln.startswith("alike: error:")]
+            assert "No space left" in line and "LocalDS_0" in line and "Traceback" not in p.stderr
+            assert not [v for v in os.listdir(next(iter(small.datastores.values()))) if v == "too-big"]
+    finally:
+        subprocess.run(["umount", "-l", str(ds)])
