@@ -190,3 +190,17 @@ def test_tags_and_folders(sim):
     job = Job(path="j.toml", name="j", sources=[], folders=["Prod"])
     assert [n for n, v in sorted(vms.items()) if job.selects(n, v.tags, v.folder)] == ["DC0_C0_RP0_VM1"]
     assert not Job(path="j.toml", name="j", sources=[], folders=["Pro"]).selects("x", [], "Prod/Web")
+
+
+def test_plain_http_works_with_a_note(tmp_path):
+    from alike_ray.sources.vmware import VmwareSource
+
+    with Vcsim(tmp_path / "http", http=True) as s:
+        assert s.url.startswith("http://")
+        creds = tmp_path / "vc.toml"
+        creds.write_text(f'username = "{s.username}"\npassword = "{s.password}"\n')
+        os.chmod(creds, 0o600)
+        src = VmwareSource(s.url, credentials=str(creds))
+        with src.snapshot(VM) as snap:
+            assert any("plain HTTP" in n for n in snap.vm.notes)
+            assert len(snap.disks[0].read(0, 65536)) == 65536
