@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests import images
+from tests.matrix import cases
 
 
 def same(a, b) -> bool:
@@ -87,7 +88,8 @@ def test_deleted_pack_and_truncated_manifest(alike, corpus, tmp_path):
 CRASH_POINTS = ["after-pack", "before-segments", "before-manifests", "before-version"]
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
+# CI: the first and the last commit step (the crash matrix covers every point of the driver)
+@pytest.mark.parametrize("point", cases(CRASH_POINTS, ci=["after-pack", "before-version"]))
 def test_worker_killed_in_snapshot_actor(alike, corpus, tmp_path, point):
     """kill -9 of the worker running the VM's snapshot actor at each commit step."""
     store = tmp_path / "ads"
