@@ -13,6 +13,12 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${ALIKE_VCSIM_CACHE:-${HOME:-/root}/.cache/alike/vcsim}"
 pkgs="golang-go golang-github-vmware-govmomi-dev golang-github-google-uuid-dev"
 
+mkdir -p "$cache"
+# one build at a time: scripts/test.sh starts one in the background while the tests run, and the
+# vmware: tests' fixtures call this script again; the second waits for the first and finds its binary
+exec 9>"$cache/.build.lock"
+flock 9
+
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=""
 for p in $pkgs; do installed "$p" || missing="$missing $p"; done
@@ -27,7 +33,6 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq --no-install-recommends $missing >/dev/null </dev/null
 fi
 
-mkdir -p "$cache"
 cache="$(cd "$cache" && pwd)"
 versions="$(dpkg-query -W -f='${Package} ${Version}\n' $pkgs)"
 go_version="$(go version)"
