@@ -1,9 +1,11 @@
 """Credentials of a hypervisor source (xen:, vmware:): never on the command line. A TOML file
 (`username`, `password`) refused unless its mode is 0600 or stricter, else the environment
-(ALIKE_<KIND>_USERNAME / ALIKE_<KIND>_PASSWORD)."""
+(ALIKE_<KIND>_USERNAME / ALIKE_<KIND>_PASSWORD). And how the server is trusted: TLS verified
+against the system's CAs or a CA bundle (https_context)."""
 from __future__ import annotations
 
 import os
+import ssl
 import stat
 
 from .base import SourceError
@@ -44,3 +46,12 @@ def load_credentials(path: str | None, kind: str = "XEN") -> tuple[str, str]:
         raise AuthError(f"no credentials: pass --credentials FILE (TOML with username and password, mode 0600) "
                        f"or set ALIKE_{kind}_USERNAME and ALIKE_{kind}_PASSWORD")
     return user, pw
+
+
+def https_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """TLS verified against the system's CAs, or `ca_bundle`: CA certificates, or the server's own
+    certificate (XenServer and ESXi hosts come with self-signed ones: pinned as they are)."""
+    ctx = ssl.create_default_context(cafile=ca_bundle)
+    if ca_bundle:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx

@@ -40,7 +40,7 @@ from urllib.parse import quote, urlencode, urlparse
 import numpy as np
 
 from .base import ExtentDisk, Snapshot, Source, SourceError, VMInfo, VMNotFound
-from .credentials import AuthError, load_credentials
+from .credentials import AuthError, https_context, load_credentials
 
 log = logging.getLogger("alike.vmware")
 
@@ -57,13 +57,6 @@ def _pyvmomi():
     except ImportError:
         raise SourceError("the vmware: source needs pyvmomi: pip install 'alike-ray[vmware]'") from None
     return connect, task, vim, vmodl
-
-
-def https_context(ca_bundle: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_bundle)
-    if ca_bundle:  # a host's self-signed certificate, pinned as it is
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    return ctx
 
 
 def _fault(e) -> str:

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import nbd
 from .base import ExtentDisk, Snapshot, Source, SourceError, VMInfo, VMNotFound
-from .credentials import AuthError as XenAuthError, load_credentials
+from .credentials import AuthError as XenAuthError, https_context, load_credentials
 
 log = logging.getLogger("alike.xen")
 
@@ -98,15 +98,6 @@ def bitmap_extents(b64: str, size: int) -> list[tuple[int, int]]:
         off = int(s) * CBT_BLOCK
         out.append((off, min(int(e) * CBT_BLOCK, size) - off))
     return out
-
-
-def https_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """TLS verified against the system's CAs, or `ca_bundle`: CA certificates, or the pool
-    master's own certificate (XenServer hosts come with self-signed ones: pinned as they are)."""
-    ctx = ssl.create_default_context(cafile=ca_bundle)
-    if ca_bundle:
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    return ctx
 
 
 class Api:
