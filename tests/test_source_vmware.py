@@ -204,3 +204,15 @@ def test_plain_http_works_with_a_note(tmp_path):
         with src.snapshot(VM) as snap:
             assert any("plain HTTP" in n for n in snap.vm.notes)
             assert len(snap.disks[0].read(0, 65536)) == 65536
+
+
+def test_changeid_refused_with_a_filefault(sim):
+    """A changeId of this disk's epoch that the server never gave (FileFault): read in full, why said."""
+    b = _bound(sim)
+    with b.source.snapshot(VM) as snap:
+        d = snap.disks[0]
+        assert d.cbt_marker and "/" in d.cbt_marker
+        bogus = d.cbt_marker.split("/")[0] + "/99"
+        assert d.changed_extents(bogus) is None
+        assert "refused the changeId" in d.cbt_note and "FileFault" in d.cbt_note, d.cbt_note
+        assert d.changed_extents(d.cbt_marker) == []  # its own changeId: nothing changed since
