@@ -242,9 +242,16 @@ class VmwRestic(bench.Restic):
 
 def summary(results) -> dict:
     med = xen_cbt.summary(results, net_of=NET_OF, also=ALSO)
-    al = [r for r in results if r["tool"] == "alike" and r.get("cold_read")]
+    al = [r for r in results if r["tool"] == "alike"]
     if al:
-        med["alike"]["cold_read"] = {k: xen_cbt._md(r["cold_read"][k] for r in al) for k in ("seconds", "bytes")}
+        m = med["alike"]
+        for k, xs in (("cbt", al), ("nochange", [r["nochange"] for r in al])):
+            # net of the consolidation too (not in the table's net)
+            v = xen_cbt._md(x["net_seconds"] - x["server"]["consolidate"] for x in xs)
+            (m if k == "cbt" else m["nochange"])["net_consolidate_seconds"] = v
+        cr = [r for r in al if r.get("cold_read")]
+        if cr:
+            m["cold_read"] = {k: xen_cbt._md(r["cold_read"][k] for r in cr) for k in ("seconds", "bytes")}
     return med
 
 
@@ -276,8 +283,9 @@ def report(d: dict) -> str:
              "contents. A real vCenter does neither: its snapshot starts a sparse delta disk (no data copied) and "
              "its changed areas come from the CBT (ctk) log kept while the guest writes. The *net* column is "
              "alike's seconds minus those two (derived, not measured as such). Not taken out: the consolidation "
-             "at RemoveSnapshot_Task (a rename here) and the QueryChangedDiskAreas calls (a comparison of kept "
-             "hashes).")
+             "at RemoveSnapshot_Task (here the VM's copy renamed over the frozen file, the kernel freeing that "
+             "file's blocks; vSphere merges the delta's few writes into the base instead) and the "
+             "QueryChangedDiskAreas calls (a comparison of kept hashes).")
     L.append(command_bullet(meta, "the VM's disk equals vm1-day2.raw and the CBT version restores to it (`cmp`)"))
     if meta.get("load"):
         L.append(f"- the machine during the run: {common.LoadSampler.text(meta['load'])}.")
@@ -294,7 +302,11 @@ def report(d: dict) -> str:
                  f"{f['snapshot_hash']:.2f} s; in the first backup {a['first']['snapshot_copy']:.2f} s and "
                  f"{a['first']['snapshot_hash']:.2f} s. Not taken out: the consolidation {a['consolidate']:.2f} s "
                  f"and the QueryChangedDiskAreas calls {a['changed_areas']:.2f} s in the CBT backup (all the "
-                 f"launcher's own work after tasks: {a['after_task']:.2f} s)."
+                 f"launcher's own work after tasks: {a['after_task']:.2f} s). Net of the consolidation too: the CBT "
+                 f"backup {a['net_consolidate_seconds']:.2f} s"
+                 + "".join(f", {t} / that {med[t]['seconds'] / a['net_consolidate_seconds']:.2f}x" for t in ("borg", "restic")
+                           if t in med and a['net_consolidate_seconds'] > 0)
+                 + f"; the floor {f['net_consolidate_seconds']:.2f} s."
                  + (f" What the launcher's process read from storage during the CBT backup (`/proc/PID/io`): "
                     f"{gb(a['storage_read_bytes']):.2f} GB, against its copy's {gb(a['snapshot_copy_bytes']):.2f} GB."
                     if a.get("storage_read_bytes") is not None else ""))
