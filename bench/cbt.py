@@ -419,15 +419,27 @@ def _md(xs):
     return statistics.median(xs) if xs else None
 
 
-def patched_read_bytes(extents, bsz: int, grain: int = 64 * 1024) -> int:
-    """What alike's first CBT backup after a full one reads of `extents`: the written granules of
-    each block with at most half of its granules written (a patched block), the others whole."""
+def patched_read_ranges(extents, bsz: int, grain: int = 64 * 1024) -> list[tuple[int, int]]:
+    """What alike's first CBT backup after a full one reads of `extents`, as (offset, length): the
+    written granules of each block with at most half of its granules written (a patched block),
+    the other blocks whole."""
     per = bsz // grain
     grains: dict[int, set] = {}
     for o, n in extents:
         for g in range(o // grain, (o + n - 1) // grain + 1):
             grains.setdefault(g // per, set()).add(g)
-    return sum(len(s) * grain if per >= 2 and 2 * len(s) <= per else bsz for s in grains.values())
+    out = []
+    for b in sorted(grains):
+        if per >= 2 and 2 * len(grains[b]) <= per:
+            out += [(g * grain, grain) for g in sorted(grains[b])]
+        else:
+            out.append((b * bsz, bsz))
+    return out
+
+
+def patched_read_bytes(extents, bsz: int, grain: int = 64 * 1024) -> int:
+    """The bytes of patched_read_ranges."""
+    return sum(n for _, n in patched_read_ranges(extents, bsz, grain))
 
 
 def scenario_report(key: str, d: dict) -> list[str]:

@@ -107,26 +107,31 @@ def pool_class():
     return TimedPool
 
 
-def stale_dirs(work: str) -> None:
-    """Remove our dirs under WORK/runs and those of dead invocations."""
+def stale_dirs(work: str, prefix: str = "xen-cbt-", own: str | None = None) -> None:
+    """Remove our dirs under WORK/runs (named `own`, default OWN) and those of dead invocations
+    (`prefix` + a pid that is gone). bench/vmware_cbt.py passes its own prefix."""
     d = os.path.join(work, "runs")
+    own = OWN if own is None else own
     for name in os.listdir(d) if os.path.isdir(d) else []:
-        if not name.startswith("xen-cbt-"):
+        if not name.startswith(prefix):
             continue
-        pid = name[len("xen-cbt-"):].split("-", 1)[0]
-        if name.startswith(OWN) or (pid.isdigit() and not os.path.exists(f"/proc/{pid}")):
+        pid = name[len(prefix):].split("-", 1)[0]
+        if name.startswith(own) or (pid.isdigit() and not os.path.exists(f"/proc/{pid}")):
             shutil.rmtree(os.path.join(d, name), ignore_errors=True)
 
 
-def guest_writes(srv, vdi: str, extents, day2: str) -> int:
-    """Write vm1-day2.raw's bytes of every extent into the live VDI (as the guest would); -> writes."""
+def guest_writes(srv, vdi: str, extents, day2: str, write=None) -> int:
+    """Write vm1-day2.raw's bytes of every extent into the live VDI (as the guest would), in pieces
+    of at most MAX_WRITE; -> writes. `write(offset, data)`: another server's guest write
+    (bench/vmware_cbt.py), instead of srv.guest_write(vdi, ...)."""
+    write = write or (lambda o, data: srv.guest_write(vdi, o, data))
     n = 0
     with open(day2, "rb") as src:
         for off, ln in extents:
             for o in range(off, off + ln, MAX_WRITE):
                 k = min(MAX_WRITE, off + ln - o)
                 src.seek(o)
-                srv.guest_write(vdi, o, src.read(k))
+                write(o, src.read(k))
                 n += 1
     return n
 
@@ -217,81 +222,82 @@ def _outside(x):
     return None if own is None else x["seconds"] - own
 
 
-def _own_net(x):
-    """alike's own `seconds` minus the test server's snapshot copy and changed-block comparison."""
+NET_OF = ("snapshot_copy", "changed_blocks")   # the test server's costs that a real XAPI does not have
+
+
+def _own_net(x, net_of=NET_OF):
+    """alike's own `seconds` minus the test server's costs `net_of` (here: its snapshot copy and
+    changed-block comparison)."""
     own = x["alike"].get("seconds")
-    return None if own is None else own - x["server"]["snapshot_copy"] - x["server"]["changed_blocks"]
+    return None if own is None else own - sum(x["server"][k] for k in net_of)
 
 
-def summary(results) -> dict:
-    """Medians of what the report shows (cbt.medians for the seconds and read bytes of each tool)."""
+def summary(results, net_of=NET_OF, also=()) -> dict:
+    """Medians of what the report shows (cbt.medians for the seconds and read bytes of each tool).
+    net_of: the server's costs (keys of each record's `server`) taken out of the net seconds, each
+    also given as a median; also: more keys of `server` given as medians (not taken out)."""
     med = cbt.medians(results)   # keyed by cbt's tool names: alike, borg, restic
     al = [r for r in results if r["tool"] == "alike"]
+    keys = tuple(net_of) + tuple(also)
     if al:
         m = med["alike"]
         m.update(net_seconds=_md(r["net_seconds"] for r in al),
                  own_seconds=_md(r["alike"].get("seconds") for r in al),
-                 snapshot_copy=_md(r["server"]["snapshot_copy"] for r in al),
-                 changed_blocks=_md(r["server"]["changed_blocks"] for r in al),
+                 **{k: _md(r["server"].get(k) for r in al) for k in keys},
                  write_seconds=_md(r.get("write_seconds") for r in al),
-                 outside_seconds=_md(_outside(r) for r in al), own_net_seconds=_md(_own_net(r) for r in al))
+                 outside_seconds=_md(_outside(r) for r in al),
+                 own_net_seconds=_md(_own_net(r, net_of) for r in al))
         for k in ("first", "nochange"):
             xs = [r[k] for r in al]
             m[k] = dict(seconds=_md(x["seconds"] for x in xs), net_seconds=_md(x["net_seconds"] for x in xs),
                         own_seconds=_md(x["alike"].get("seconds") for x in xs),
                         read_bytes=_md(x["read_bytes"] for x in xs),
-                        snapshot_copy=_md(x["server"]["snapshot_copy"] for x in xs),
-                        changed_blocks=_md(x["server"]["changed_blocks"] for x in xs),
+                        **{c: _md(x["server"].get(c) for x in xs) for c in keys},
                         all_seconds=[x["seconds"] for x in xs],
-                        outside_seconds=_md(_outside(x) for x in xs), own_net_seconds=_md(_own_net(x) for x in xs))
+                        outside_seconds=_md(_outside(x) for x in xs),
+                        own_net_seconds=_md(_own_net(x, net_of) for x in xs))
     return med
 
 
-def report(d: dict) -> str:
-    L = [BEGIN, "", "# day-later backup with changed block tracking (xen: source)", ""]
-    if not d.get("medians"):
-        return "\n".join(L + ["(no results yet: `python bench/xen_cbt.py --runs 3`)", END]) + "\n"
-    meta, med = d["meta"], d["medians"]
+def corpus_paragraph(meta, on: str) -> str:
+    """The report's first paragraph: the corpus and the day's changes, `on` e.g. "a Xen VM"."""
     used = meta["used_bytes"]
-    L.append(f"The *realistic day* of bench/cbt.py on a Xen VM: a {meta['logical_bytes'] / 2**30:.0f} GiB disk holding "
-             f"{used / 1e9:,.2f} GB of data (bench/work/corpus-16g, `corpus.build_realistic`); the day changed "
-             f"{meta['changed_bytes'] / 1e6:,.1f} MB = {100 * meta['changed_bytes'] / used:.1f}% of the data "
-             f"({meta['extents']} extents where vm1-day2.raw differs from vm1.raw in 4 KiB blocks, applied as "
-             f"{meta['writes']} writes); what a CBT backup with patched {meta['block_size']} blocks reads of it: "
-             f"{meta['changed_in_grains_bytes'] / 1e6:,.1f} MB.")
-    L.append("")
-    L.append("- the pool: the protocol-level XAPI test server `tests/xapi_server.py` (XenAPI over XML-RPC/HTTPS, VDIs "
-             "as sparse raw files, NBD with TLS by real `qemu-nbd` processes), in the bench's process, one per run; "
-             "VM `vm1` with a copy of vm1.raw as its VDI (untimed). alike: `alike backup --store S xen:URL --vm vm1 "
-             "--credentials F --ca-bundle CA --json`, one process per backup, joined to a Ray head started for the "
-             f"run (`ray start --head --num-cpus={meta['ray_cpus']}`); block size {meta['block_size']}. First backup "
-             "(full, arms CBT), then the day's extents written into the live VDI (`guest_write`: the disk then equals "
-             "vm1-day2.raw), then the timed backup, which must report `cbt: true`; then once more, nothing changed "
-             "(the *floor*).")
-    L.append("- borg (`--sparse --chunker-params fixed,4194304 --compression zstd,3`) and restic (`--compression "
-             "auto`): a new archive/snapshot of vm1-day2.raw into a repository already holding vm1.raw: a full "
-             "re-read of the same disk content.")
-    L.append("- **seconds**: wall time of the whole command; **MB/s**: the disk's virtual size / seconds; **read "
-             "bytes**: alike: `read_bytes` of `backup --json` (read over NBD); borg, restic: bytes read from storage "
-             "(`ru_inblock` x 512); **peer/alike**: peer seconds / alike seconds (>1 = alike faster). Page cache "
-             "dropped before every timed step.")
-    L.append("- **the test server's costs inside alike's seconds** (measured in the server, per command): VM.snapshot "
-             "copies the VDI's data (`cp --reflink=auto --sparse=always`, no reflink on this ext4), and "
-             "VDI.list_changed_blocks compares the contents of the CBT marker and the new snapshot (reads both). "
-             "A real XAPI does neither: its snapshot is copy-on-write (a new VHD/qcow2 leaf, no data copied) and "
-             "its changed blocks come from the CBT log kept while the guest writes. The *net* column is alike's "
-             "seconds minus those two (derived, not measured as such).")
-    L.append(f"- command: `{meta['command']}`; date: {meta['date']}, host: {meta['host']} ({meta['cpus']} CPUs), "
-             f"runs: {meta['runs']} (medians); versions: {meta['versions']}"
-             + ("; checked in run 1: the live VDI equals vm1-day2.raw and the CBT version restores to it (`cmp`)"
-                if meta.get("verified") else "")
-             + (f". {meta['note']}" if meta.get("note") else ""))
-    L.append("")
+    return (f"The *realistic day* of bench/cbt.py on {on}: a {meta['logical_bytes'] / 2**30:.0f} GiB disk holding "
+            f"{used / 1e9:,.2f} GB of data (bench/work/corpus-16g, `corpus.build_realistic`); the day changed "
+            f"{meta['changed_bytes'] / 1e6:,.1f} MB = {100 * meta['changed_bytes'] / used:.1f}% of the data "
+            f"({meta['extents']} extents where vm1-day2.raw differs from vm1.raw in 4 KiB blocks, applied as "
+            f"{meta['writes']} writes); what a CBT backup with patched {meta['block_size']} blocks reads of it: "
+            f"{meta['changed_in_grains_bytes'] / 1e6:,.1f} MB.")
+
+
+PEERS_BULLET = ("- borg (`--sparse --chunker-params fixed,4194304 --compression zstd,3`) and restic (`--compression "
+                "auto`): a new archive/snapshot of vm1-day2.raw into a repository already holding vm1.raw: a full "
+                "re-read of the same disk content.")
+
+
+def columns_bullet(read_how: str) -> str:
+    """What the columns mean; `read_how`: where alike's read_bytes come from (e.g. "read over NBD")."""
+    return ("- **seconds**: wall time of the whole command; **MB/s**: the disk's virtual size / seconds; **read "
+            f"bytes**: alike: `read_bytes` of `backup --json` ({read_how}); borg, restic: bytes read from storage "
+            "(`ru_inblock` x 512); **peer/alike**: peer seconds / alike seconds (>1 = alike faster). Page cache "
+            "dropped before every timed step.")
+
+
+def command_bullet(meta, checked: str) -> str:
+    """Command, date, host, runs, versions; `checked`: what run 1 verified (shown when it did)."""
+    return (f"- command: `{meta['command']}`; date: {meta['date']}, host: {meta['host']} ({meta['cpus']} CPUs), "
+            f"runs: {meta['runs']} (medians); versions: {meta['versions']}"
+            + (f"; checked in run 1: {checked}" if meta.get("verified") else "")
+            + (f". {meta['note']}" if meta.get("note") else ""))
+
+
+def table(meta, med, rows, net_header: str) -> list[str]:
+    """The results table: alike's CBT backup, the peers' full re-reads, alike's floor."""
     a = med.get("alike")
-    L.append("| tool | seconds | net of the server's copy + comparison | MB/s | read bytes | peer/alike | peer/alike net |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    L = [f"| tool | seconds | {net_header} | MB/s | read bytes | peer/alike | peer/alike net |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
     if a:
-        L.append(f"| {ROWS['alike']} | {a['seconds']:.2f} | {a['net_seconds']:.2f} | {a['mb_s']:.0f} | "
+        L.append(f"| {rows['alike']} | {a['seconds']:.2f} | {a['net_seconds']:.2f} | {a['mb_s']:.0f} | "
                  f"{a['read_bytes'] / 1e6:,.1f} MB | - | - |")
     for t in ("borg", "restic"):
         m = med.get(t)
@@ -302,29 +308,72 @@ def report(d: dict) -> str:
                      f"| {r} | {rn} |")
     if a:
         f = a["nochange"]
-        L.append(f"| *{ROWS['alike']}, nothing changed: the floor* | {f['seconds']:.2f} | {f['net_seconds']:.2f} | "
+        L.append(f"| *{rows['alike']}, nothing changed: the floor* | {f['seconds']:.2f} | {f['net_seconds']:.2f} | "
                  f"{meta['logical_bytes'] / 1e6 / f['seconds']:.0f} | {(f['read_bytes'] or 0) / 1e6:,.1f} MB | "
                  "(not a peer) | |")
+    return L
+
+
+def alike_sentence(a, source: str, written: str) -> str:
+    """alike's medians beyond the table; `source` e.g. "xen:", `written` where the day's extents went."""
+    f = a["nochange"]
+    return (f"alike, medians: own `seconds` of the CBT backup (inside the command: without process start and Ray "
+            f"connect; the server's costs included) {a['own_seconds']:.2f} s; the first (full) {source} backup "
+            f"{a['first']['seconds']:.2f} s (net {a['first']['net_seconds']:.2f} s), read "
+            f"{(a['first']['read_bytes'] or 0) / 1e6:,.1f} MB; writing the day's extents into {written} "
+            f"{a['write_seconds']:.1f} s; the floor: own `seconds` {f['own_seconds']:.2f} s."
+            + (f" Where the net seconds go (medians): in the CBT backup {a['own_net_seconds']:.2f} s inside "
+               f"the command (own `seconds` minus the server's costs) and {a['outside_seconds']:.2f} s outside "
+               f"it (process start, Ray connect, exit); in the floor {f['own_net_seconds']:.2f} s and "
+               f"{f['outside_seconds']:.2f} s." if a.get("own_net_seconds") is not None
+               and f.get("own_net_seconds") is not None else ""))
+
+
+def per_run(med, rows) -> str:
+    a = med.get("alike")
+    return ("Per-run seconds: " + "; ".join(f"{rows[t]}: {', '.join(f'{x:.2f}' for x in med[t]['all_seconds'])}"
+                                           for t in rows if t in med)
+            + (f"; floor: {', '.join(f'{x:.2f}' for x in a['nochange']['all_seconds'])}" if a else ""))
+
+
+def report(d: dict) -> str:
+    L = [BEGIN, "", "# day-later backup with changed block tracking (xen: source)", ""]
+    if not d.get("medians"):
+        return "\n".join(L + ["(no results yet: `python bench/xen_cbt.py --runs 3`)", END]) + "\n"
+    meta, med = d["meta"], d["medians"]
+    L.append(corpus_paragraph(meta, "a Xen VM"))
+    L.append("")
+    L.append("- the pool: the protocol-level XAPI test server `tests/xapi_server.py` (XenAPI over XML-RPC/HTTPS, VDIs "
+             "as sparse raw files, NBD with TLS by real `qemu-nbd` processes), in the bench's process, one per run; "
+             "VM `vm1` with a copy of vm1.raw as its VDI (untimed). alike: `alike backup --store S xen:URL --vm vm1 "
+             "--credentials F --ca-bundle CA --json`, one process per backup, joined to a Ray head started for the "
+             f"run (`ray start --head --num-cpus={meta['ray_cpus']}`); block size {meta['block_size']}. First backup "
+             "(full, arms CBT), then the day's extents written into the live VDI (`guest_write`: the disk then equals "
+             "vm1-day2.raw), then the timed backup, which must report `cbt: true`; then once more, nothing changed "
+             "(the *floor*).")
+    L.append(PEERS_BULLET)
+    L.append(columns_bullet("read over NBD"))
+    L.append("- **the test server's costs inside alike's seconds** (measured in the server, per command): VM.snapshot "
+             "copies the VDI's data (`cp --reflink=auto --sparse=always`, no reflink on this ext4), and "
+             "VDI.list_changed_blocks compares the contents of the CBT marker and the new snapshot (reads both). "
+             "A real XAPI does neither: its snapshot is copy-on-write (a new VHD/qcow2 leaf, no data copied) and "
+             "its changed blocks come from the CBT log kept while the guest writes. The *net* column is alike's "
+             "seconds minus those two (derived, not measured as such).")
+    L.append(command_bullet(meta, "the live VDI equals vm1-day2.raw and the CBT version restores to it (`cmp`)"))
+    L.append("")
+    L += table(meta, med, ROWS, "net of the server's copy + comparison")
+    a = med.get("alike")
+    if a:
+        f = a["nochange"]
         L.append("")
         L.append(f"The test server's costs, medians: in the CBT backup the snapshot copy {a['snapshot_copy']:.2f} s and "
                  f"the changed-block comparison {a['changed_blocks']:.2f} s; in the floor {f['snapshot_copy']:.2f} s "
                  f"and {f['changed_blocks']:.2f} s; in the first backup the snapshot copy "
                  f"{a['first']['snapshot_copy']:.2f} s.")
         L.append("")
-        L.append(f"alike, medians: own `seconds` of the CBT backup (inside the command: without process start and Ray "
-                 f"connect; the server's costs included) {a['own_seconds']:.2f} s; the first (full) xen: backup "
-                 f"{a['first']['seconds']:.2f} s (net {a['first']['net_seconds']:.2f} s), read "
-                 f"{(a['first']['read_bytes'] or 0) / 1e6:,.1f} MB; writing the day's extents into the VDI "
-                 f"{a['write_seconds']:.1f} s; the floor: own `seconds` {f['own_seconds']:.2f} s."
-                 + (f" Where the net seconds go (medians): in the CBT backup {a['own_net_seconds']:.2f} s inside "
-                    f"the command (own `seconds` minus the server's costs) and {a['outside_seconds']:.2f} s outside "
-                    f"it (process start, Ray connect, exit); in the floor {f['own_net_seconds']:.2f} s and "
-                    f"{f['outside_seconds']:.2f} s." if a.get("own_net_seconds") is not None
-                    and f.get("own_net_seconds") is not None else ""))
+        L.append(alike_sentence(a, "xen:", "the VDI"))
     L.append("")
-    L.append("Per-run seconds: " + "; ".join(f"{ROWS[t]}: {', '.join(f'{x:.2f}' for x in med[t]['all_seconds'])}"
-                                            for t in ROWS if t in med)
-             + (f"; floor: {', '.join(f'{x:.2f}' for x in a['nochange']['all_seconds'])}" if a else ""))
+    L.append(per_run(med, ROWS))
     L.append("")
     L.append(END)
     return "\n".join(L) + "\n"

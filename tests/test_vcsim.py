@@ -392,3 +392,35 @@ def test_independent_disk_is_left_out_of_snapshots(sim, si):
     WaitForTask(s1.RemoveSnapshot_Task(removeChildren=False))
     assert [d.backing.fileName for d in disks_of(vm.config)] == [
         f"[LocalDS_0] {name}/disk1.vmdk", f"[LocalDS_0] {name}/disk2.vmdk"]
+
+
+def test_stats_count_the_launchers_own_work(tmp_path):
+    """/alike/stats: the snapshot's -flat copy and content-hash pass (bytes = the disk's data),
+    the consolidation at removal and QueryChangedDiskAreas calls, each counted where it happens."""
+    with Vcsim(tmp_path, second_disk_mb=0, seed=False) as s:
+        name = "DC0_H0_VM1"
+        path = s.disks(name)["disks"][0]["path"]
+        s.guest_write(name, s.disks(name)["disks"][0]["key"], 3 * MIB, os.urandom(2 * MIB))
+        with open(path, "r+b") as f:  # a write behind the launcher's back is seen too: it hashes at the snapshot
+            f.seek(40 * MIB)
+            f.write(os.urandom(MIB))
+        si = SmartConnect(host=s.host, port=s.port, user=s.username, pwd=s.password, sslContext=s.ssl_context())
+        try:
+            vm = find_vm(si, name)
+            before = s.stats()
+            assert "snapshot_copy" not in before
+            reconfigure(vm, changeTrackingEnabled=True)
+            snap = snapshot(vm, "alike-stats")
+            d = disks_of(snap.config)[0]
+            areas, _ = query_all(vm, snap, d.key, "*", d.capacityInBytes)
+            assert areas == [(3 * MIB, 2 * MIB), (40 * MIB, MIB)]
+            WaitForTask(snap.RemoveSnapshot_Task(removeChildren=False))
+            st = s.stats()
+        finally:
+            Disconnect(si)
+    assert st["snapshot_copy"]["calls"] == 1 and st["snapshot_copy"]["bytes"] == 3 * MIB
+    assert st["snapshot_hash"]["calls"] == 1 and st["snapshot_hash"]["bytes"] == 3 * MIB
+    assert st["consolidate"]["calls"] == 1
+    assert st["changed_areas"]["calls"] >= 64 * MIB // SPAN
+    assert st["after_task"]["seconds"] >= st["snapshot_copy"]["seconds"] + st["snapshot_hash"]["seconds"]
+    assert all(v["seconds"] >= 0 for v in st.values())

@@ -5,6 +5,7 @@
         sim.ssl_context()                   # verifies the launcher's own certificate
         sim.guest_write("DC0_H0_VM0", disk_key, offset, data)   # into the VM's current disk
         sim.folder_url("DC0_H0_VM0/disk1-flat.vmdk")            # /folder/...?dcPath=&dsName=
+        sim.stats()                         # what the launcher's own work cost so far (/alike/stats)
 
 What the simulator does itself and what tests/vcsim adds: the package comment of
 tests/vcsim/main.go. The build: tests/vcsim/build.sh (Debian packages, GO111MODULE=off).
@@ -176,6 +177,12 @@ class Vcsim:
         """A write by the guest: into the VM's current disk (tests/vcsim's /alike/write)."""
         q = urllib.parse.urlencode({"vm": vm, "disk": disk_key, "offset": offset})
         return self._request("PUT", f"/alike/write?{q}", data, {"Content-Type": "application/octet-stream"})
+
+    def stats(self) -> dict:
+        """{name: {"calls", "seconds", "bytes"}}: what the launcher's own emulation work (its snapshot
+        copies, content-hash passes, consolidations, QueryChangedDiskAreas, ...) cost since it started
+        (tests/vcsim's /alike/stats; main.go's package comment names them)."""
+        return self._request("GET", "/alike/stats")["costs"]
 
     def disks(self, vm: str) -> dict:
         """Each disk's key, capacity, current file, chain and snapshots' files (/alike/disks)."""

@@ -42,7 +42,9 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -229,8 +231,11 @@ func dataExtents(f *os.File, from, limit int64, fn func(start, end int64) error)
 	return nil
 }
 
-// copySparse copies src to dst extent by extent (copy_file_range), keeping holes.
-func copySparse(src, dst string) error {
+// copySparse copies src to dst extent by extent (copy_file_range), keeping holes. Its time and
+// the bytes it copied count under `what` in /alike/stats.
+func copySparse(src, dst, what string) error {
+	var copied int64
+	defer addCost(what, time.Now(), &copied)
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -252,7 +257,8 @@ func copySparse(src, dst string) error {
 		if _, err := out.Seek(start, io.SeekStart); err != nil {
 			return err
 		}
-		_, err := io.Copy(out, io.LimitReader(in, end-start))
+		n, err := io.Copy(out, io.LimitReader(in, end-start))
+		copied += n
 		return err
 	})
 	if err == nil {
@@ -268,14 +274,59 @@ func copySparse(src, dst string) error {
 	return os.Rename(tmp, dst)
 }
 
+// ---- what the emulation costs (GET /alike/stats) ----------------------------------------------
+
+// costStat: calls, seconds and bytes of one kind of work the launcher does itself (not the
+// simulator's), for benchmarks that report what a real vCenter would not spend.
+type costStat struct {
+	Calls   int64   `json:"calls"`
+	Seconds float64 `json:"seconds"`
+	Bytes   int64   `json:"bytes"`
+}
+
+var costs = struct {
+	sync.Mutex
+	m map[string]*costStat
+}{m: map[string]*costStat{}}
+
+// addCost adds one call of `what` that began at t0 (and *bytes, if given).
+func addCost(what string, t0 time.Time, bytes *int64) {
+	dt := time.Since(t0).Seconds()
+	costs.Lock()
+	defer costs.Unlock()
+	c := costs.m[what]
+	if c == nil {
+		c = &costStat{}
+		costs.m[what] = c
+	}
+	c.Calls++
+	c.Seconds += dt
+	if bytes != nil {
+		c.Bytes += *bytes
+	}
+}
+
+func costSnapshot() map[string]costStat {
+	costs.Lock()
+	defer costs.Unlock()
+	out := map[string]costStat{}
+	for k, v := range costs.m {
+		out[k] = *v
+	}
+	return out
+}
+
 // ---- content hashes -------------------------------------------------------------------------
 
 func (s *server) zeroHash() uint64 {
 	return maphash.Bytes(s.seed, make([]byte, s.granule))
 }
 
-// hashFile hashes each granule of the first capacity bytes of a -flat file.
-func (s *server) hashFile(flat string, capacity int64) ([]uint64, error) {
+// hashFile hashes each granule of the first capacity bytes of a -flat file. Its time and the
+// bytes it read count under `what` in /alike/stats.
+func (s *server) hashFile(flat string, capacity int64, what string) ([]uint64, error) {
+	var read int64
+	defer addCost(what, time.Now(), &read)
 	n := (capacity + s.granule - 1) / s.granule
 	hashes := make([]uint64, n)
 	zero := s.zeroHash()
@@ -296,6 +347,7 @@ func (s *server) hashFile(flat string, capacity int64) ([]uint64, error) {
 		}
 		for ; g*s.granule < end && g < n; g++ {
 			k, err := f.ReadAt(buf, g*s.granule)
+			read += int64(k)
 			if err != nil && err != io.EOF {
 				return err
 			}
@@ -554,7 +606,7 @@ func (s *server) freeze(vm *simulator.VirtualMachine, st *vmState, ref types.Man
 		if err != nil {
 			return err
 		}
-		if err := copySparse(fsrc, fdst); err != nil {
+		if err := copySparse(fsrc, fdst, "snapshot_copy"); err != nil {
 			return fmt.Errorf("snapshot copy of %s: %w", frozen, err)
 		}
 		if err := writeDescriptor(child, ds.capacity, frozen); err != nil {
@@ -562,7 +614,7 @@ func (s *server) freeze(vm *simulator.VirtualMachine, st *vmState, ref types.Man
 		}
 		cid := ""
 		if st.cbt && ds.epoch != "" {
-			hashes, err := s.hashFile(fsrc, ds.capacity)
+			hashes, err := s.hashFile(fsrc, ds.capacity, "snapshot_hash")
 			if err != nil {
 				return err
 			}
@@ -608,6 +660,7 @@ func dropOldRecords(ds *diskState) {
 // consolidate handles a snapshot that the simulator removed: its node takes the contents of
 // its only child, or goes if nothing uses it.
 func (s *server) consolidate(vm *simulator.VirtualMachine, st *vmState, ref types.ManagedObjectReference) error {
+	defer addCost("consolidate", time.Now(), nil)
 	ss := st.snaps[ref]
 	delete(st.snaps, ref)
 	for key, node := range ss.disks {
@@ -701,7 +754,7 @@ func (s *server) revert(vm *simulator.VirtualMachine, ref types.ManagedObjectRef
 			}
 			src, _ := localFlat(node)
 			dst, _ := localFlat(child)
-			if err = copySparse(src, dst); err != nil {
+			if err = copySparse(src, dst, "revert_copy"); err != nil {
 				return
 			}
 			if err = writeDescriptor(child, ds.capacity, node); err != nil {
@@ -776,6 +829,7 @@ func fileFault(file, msg string) *qcdaError {
 // queryChangedDiskAreas implements the vSphere API's VirtualMachine.QueryChangedDiskAreas.
 // Called with s.mu held.
 func (s *server) queryChangedDiskAreas(vm *simulator.VirtualMachine, req *types.QueryChangedDiskAreas) (*types.DiskChangeInfo, *qcdaError) {
+	defer addCost("changed_areas", time.Now(), nil)
 	if err := s.reconcileVM(vm); err != nil {
 		return nil, &qcdaError{err.Error(), &types.SystemError{Reason: err.Error()}}
 	}
@@ -880,7 +934,7 @@ func (s *server) qcdaLocked(vm *simulator.VirtualMachine, req *types.QueryChange
 				return nil, fileFault(flat, "changeId "+req.ChangeId+" is newer than the snapshot")
 			}
 			cur = r.hashes
-		} else if cur, err = s.hashFile(lflat, capacity); err != nil {
+		} else if cur, err = s.hashFile(lflat, capacity, "live_hash"); err != nil {
 			return nil, fileFault(flat, err.Error())
 		}
 		if base.capacity != capacity || len(base.hashes) != len(cur) {
