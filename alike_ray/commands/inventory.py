@@ -15,16 +15,21 @@ def cmd_inventory(args) -> int:
     src = open_source(args.source, **source_options(args.source, args.credentials, args.ca_bundle, False, True))  # listing only
     vms = src.list_vms()
     rows = [{"name": v.name, "id": v.id, "state": v.power_state, "tags": v.tags,
-             "disks": [{"name": n, "size": sz} for n, sz in v.disks], "notes": v.notes} for v in vms]
+             "disks": [{"name": n, "size": sz} for n, sz in v.disks], "notes": v.notes,
+             **({"datacenter": v.shape["datacenter"]} if v.shape.get("datacenter") else {}),
+             **({"folder": v.folder} if v.folder else {})} for v in vms]
     for r in rows:  # what the source warns about (an image cut short...)
         for note in r["notes"]:
             print(f"alike: warning: {r['name']}: {note}", file=sys.stderr)
     if args.json:
         out(json.dumps({"source": args.source, "vms": rows}))
         return 0
-    out(f"{'VM':<24} {'STATE':<10} {'DISKS':>5}  TAGS")
+    where = any("datacenter" in r or "folder" in r for r in rows)  # vmware: where each VM is filed
+    out(f"{'VM':<24} {'STATE':<10} {'DISKS':>5}  " + (f"{'FOLDER':<24} " if where else "") + "TAGS")
     for r in rows:
-        out(f"{r['name']:<24} {r['state']:<10} {len(r['disks']):>5}  {', '.join(r['tags'])}")
+        folder = "/".join(filter(None, (r.get("datacenter"), r.get("folder")))) if where else ""
+        out(f"{r['name']:<24} {r['state']:<10} {len(r['disks']):>5}  " + (f"{folder:<24} " if where else "")
+            + ", ".join(r["tags"]))
     return 0
 
 

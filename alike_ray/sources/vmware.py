@@ -362,7 +362,7 @@ class VmwareSource(Source):
                 for d in cfg.hardware.device if isinstance(d, conn.vim.vm.device.VirtualEthernetCard)]
         info = VMInfo(vm.name, cfg.instanceUuid or cfg.uuid, disks, sorted(set(_tags(vm)) | set(tags or [])),
                       _STATES.get(str(vm.runtime.powerState), "unknown"), notes, folder=_folder(vm))
-        info.shape = {"platform": "vmware", "vcpus": int(cfg.hardware.numCPU or 1),
+        info.shape = {"platform": "vmware", "datacenter": _datacenter(vm), "vcpus": int(cfg.hardware.numCPU or 1),
                       "memory_bytes": int(cfg.hardware.memoryMB or 0) << 20, "guest_id": cfg.guestId or "",
                       "description": cfg.annotation or "", "nics": nics}
         return info

@@ -82,7 +82,9 @@ def test_backup_cbt_frozen_base_restore_into_vsphere(alike, sim, tmp_path):
     alike.json("init", "--store", store)
     inv = {v["name"]: v for v in alike.json("inventory", f"vmware:{sim.url}", *auth(sim))["vms"]}
     assert set(sim.vms) <= set(inv) and [d["size"] for d in inv[VM]["disks"]] == [64 * MiB, 16 * MiB]
-    assert [d["name"] for d in inv[VM]["disks"]] == ["scsi0:0", "scsi0:1"]
+    assert [d["name"] for d in inv[VM]["disks"]] == ["scsi0:0", "scsi0:1"] and inv[VM]["datacenter"] == "DC0"
+    text = alike("inventory", f"vmware:{sim.url}", *auth(sim), check=True).stdout
+    assert "FOLDER" in text.splitlines()[0] and any(ln.startswith(VM) and " DC0 " in ln for ln in text.splitlines())
     t1 = truth(sim, VM, tmp_path, 1)
     r1 = alike.json("backup", "--store", store, f"vmware:{sim.url}", "--vm", VM, *auth(sim))
     assert r1["cbt"] is False and 0 < r1["read_bytes"] < 8 * MiB  # allocated areas only
