@@ -27,10 +27,7 @@ def sim(tmp_path_factory):
     d = tmp_path_factory.mktemp("vcsim-contract")
     s = Vcsim(d)
     s.start()
-    s.creds = str(d / "vc.toml")
-    fd = os.open(s.creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f'username = "{s.username}"\npassword = "{s.password}"\n')
+    s.creds = s.credentials_file(d / "vc.toml")
     for disk in s.disks(VM)["disks"]:  # data to the very last byte
         s.guest_write(VM, disk["key"], disk["capacity"] - 3000, os.urandom(3000))
     yield s
@@ -129,9 +126,7 @@ def test_older_server_without_changed_areas(tmp_path):
     from alike_ray.sources.vmware import VmwareSource
 
     with Vcsim(tmp_path / "plain", extra_args=("-no-changed-areas",)) as s:
-        creds = tmp_path / "vc.toml"
-        creds.write_text(f'username = "{s.username}"\npassword = "{s.password}"\n')
-        os.chmod(creds, 0o600)
+        creds = s.credentials_file(tmp_path / "vc.toml")
         src = VmwareSource(s.url, credentials=str(creds), ca_bundle=s.cert_file)
         with src.snapshot(VM) as snap:
             assert any("cannot say which areas are allocated" in n and "MethodNotFound" in n for n in snap.vm.notes), \
@@ -197,9 +192,7 @@ def test_plain_http_works_with_a_note(tmp_path):
 
     with Vcsim(tmp_path / "http", http=True) as s:
         assert s.url.startswith("http://")
-        creds = tmp_path / "vc.toml"
-        creds.write_text(f'username = "{s.username}"\npassword = "{s.password}"\n')
-        os.chmod(creds, 0o600)
+        creds = s.credentials_file(tmp_path / "vc.toml")
         src = VmwareSource(s.url, credentials=str(creds))
         with src.snapshot(VM) as snap:
             assert any("plain HTTP" in n for n in snap.vm.notes)

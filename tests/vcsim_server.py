@@ -173,6 +173,15 @@ class Vcsim:
         with urllib.request.urlopen(req, context=self.ssl_context(), timeout=60) as resp:
             return json.loads(resp.read())
 
+    def credentials_file(self, path) -> str:
+        """A mode-0600 TOML with this simulator's username and password (as alike's --credentials wants)."""
+        path = os.fspath(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"username = {json.dumps(self.username)}\npassword = {json.dumps(self.password)}\n")
+        return path
+
     def guest_write(self, vm: str, disk_key: int, offset: int, data: bytes) -> dict:
         """A write by the guest: into the VM's current disk (tests/vcsim's /alike/write)."""
         q = urllib.parse.urlencode({"vm": vm, "disk": disk_key, "offset": offset})

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.errors import refused
 from tests.vcsim_server import Vcsim, VcsimBuildError, build
 
 VM = "DC0_H0_VM0"
@@ -35,10 +36,7 @@ def sim(tmp_path_factory):
         pytest.skip(f"the vcsim launcher cannot be built here: {e}")
     d = tmp_path_factory.mktemp("vcsim-e2e")
     with Vcsim(d) as s:
-        s.creds = str(d / "vc.toml")
-        fd = os.open(s.creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f'username = "{s.username}"\npassword = "{s.password}"\n')
+        s.creds = s.credentials_file(d / "vc.toml")
         yield s
 
 
@@ -212,14 +210,6 @@ def test_bad_inputs(alike, sim, tmp_path):
     alike.json("init", "--store", store)
     url = f"vmware:{sim.url}"
 
-    def refused(p, code, *words):
-        assert p.returncode == code, (p.returncode, p.stderr)
-        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("alike: error:")]
-        assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-        for w in words:
-            assert w in lines[0], (w, lines[0])
-        return lines[0]
-
     bad = tmp_path / "bad.toml"
     bad.write_text('username = "alike"\npassword = "hunter2-wrong"\n')
     os.chmod(bad, 0o600)
@@ -249,9 +239,7 @@ def test_datastore_full_is_refused_before_any_data_moves(alike, sim, tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(ds)], check=True)
     try:
         with Vcsim(work, disk_mb=4, second_disk_mb=0) as small:
-            creds = tmp_path / "small.toml"
-            creds.write_text(f'username = "{small.username}"\npassword = "{small.password}"\n')
-            os.chmod(creds, 0o600)
+            creds = small.credentials_file(tmp_path / "small.toml")
             p = alike("restore", "--store", store, VM, "--to", f"vmware:{small.url}", "--name", "too-big",
                       "--credentials", creds, "--ca-bundle", small.cert_file)
             assert p.returncode == 4, p.stderr

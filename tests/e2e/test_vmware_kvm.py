@@ -28,9 +28,7 @@ def test_mixed_job_and_cross_hypervisor(alike, conn, tmp_path):
     kvm_env.define(conn, kname, [images.to_qcow2(raw, os.path.join(kvm_env.image_dir(), "m0.qcow2"))], start=False)
     img = images.ext4_image(str(tmp_path / "plain.raw"), 8, tree, "plain")
     with Vcsim(tmp_path / "vc") as sim:
-        creds = tmp_path / "vc.toml"
-        creds.write_text(f'username = "{sim.username}"\npassword = "{sim.password}"\n')
-        os.chmod(creds, 0o600)
+        creds = sim.credentials_file(tmp_path / "vc.toml")
         job = tmp_path / "mixed.toml"
         job.write_text(f'name = "mixed"\nstore = "{store}"\n'
                        f'sources = [{{uri = "vmware:{sim.url}", credentials = "{creds}", ca_bundle = "{sim.cert_file}"}},'

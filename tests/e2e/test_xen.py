@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests import images
+from tests.errors import refused
 from tests.xapi_server import XapiServer
 
 MiB = images.MiB
@@ -341,14 +342,6 @@ def test_bad_inputs(alike, pool, tmp_path):
     store = tmp_path / "ads"
     alike.json("init", "--store", store)
     url = f"xen:{pool.url}"
-
-    def refused(p, code, *words):
-        assert p.returncode == code, (p.returncode, p.stderr)
-        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("alike: error:")]
-        assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-        for w in words:
-            assert w in lines[0], (w, lines[0])
-        return lines[0]
 
     bad = tmp_path / "bad.toml"
     bad.write_text('username = "root"\npassword = "hunter2-wrong"\n')

@@ -28,9 +28,7 @@ def test_xen_to_vmware_and_back(alike, tmp_path):
     with XapiServer(str(tmp_path / "pool")) as pool, Vcsim(tmp_path / "vc") as sim:
         pool.add_vm("xvm", disks=[xdisk], vcpus=2, memory=64 * MiB)
         xa = ["--credentials", pool.credentials_file(str(tmp_path / "xen.toml")), "--ca-bundle", pool.ca_file]
-        vcreds = tmp_path / "vc.toml"
-        vcreds.write_text(f'username = "{sim.username}"\npassword = "{sim.password}"\n')
-        os.chmod(vcreds, 0o600)
+        vcreds = sim.credentials_file(tmp_path / "vc.toml")
         va = ["--credentials", vcreds, "--ca-bundle", sim.cert_file]
         alike.json("backup", "--store", store, f"xen:{pool.url}", "--vm", "xvm", *xa)
         alike.json("backup", "--store", store, f"vmware:{sim.url}", "--vm", "DC0_H0_VM1", *va)
