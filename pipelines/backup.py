@@ -4,12 +4,15 @@ driver: run_backup() starts the index shard actors, then one SnapshotActor per V
 `parallel` at once) and polls their progress.
 SnapshotActor.run(): snapshots the VM through its source, loads the previous version's manifests
 (the munge cache), fans out `munge_batch` read tasks over batches of blocks (bounded in flight
-with ray.wait), appends the new blocks they return to packs, and commits in the store's order:
-packs -> index segments -> manifests -> version.json. It releases the snapshot and its index
-claims also when the backup fails.
+with ray.wait), gathers the manifests and the index entries of the packs they wrote, and
+commits in the store's order: packs (written by the tasks) -> index segments -> manifests ->
+version.json. It releases the snapshot and its index claims also when the backup fails.
 munge_batch(): reads a batch, drops zero blocks, hashes, compares with the munge cache (an
-unchanged block costs no lookup and no write), asks the index shards about the rest in one
-batch, and compresses the blocks the store lacks. Blocks travel as numpy arrays.
+unchanged block costs no lookup and no write), claims the rest at the index shards in one
+batch, compresses the blocks it claimed and writes them into packs on the store itself, from
+whichever node it runs on; it returns the packs' index entries, never the data. The snapshot
+actor's and the driver's work per block is a few array operations (no block bytes pass them),
+so they do not limit how many nodes read and compress.
 Sources are used only through their contract (alike_ray/sources/base.py, which states it):
 this module never imports them and never asks what a source can do.
 """
@@ -32,10 +35,13 @@ from storage.pack import TARGET_PACK, PackBuilder
 from storage.store import Store, new_version_id
 
 from .faults import crash_point
-from .index import NEW, PENDING, IndexClient
+from .index import FRESH, NEW, PENDING, IndexClient
 
-TASK_BYTES = 32 * 1024 * 1024
+TASK_BYTES = 64 * 1024 * 1024   # blocks per read task; its new blocks make a pack of their own
 READ_BYTES = 4 * 1024 * 1024
+# CPUs a read task asks for: below 1, so that while one task waits on its disk or on a pack
+# write another one compresses (two per core); $ALIKE_MUNGE_CPUS changes it
+MUNGE_CPUS = float(os.environ.get("ALIKE_MUNGE_CPUS") or 0.5)
 EMPTY = np.zeros(0, dtype="S32")
 
 
@@ -53,13 +59,18 @@ def _runs(blocks: np.ndarray):
     return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
-@ray.remote(max_retries=3)
-def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None,
-                pbase: np.ndarray | None = None, pmask: np.ndarray | None = None):
+@ray.remote(max_retries=3, num_cpus=MUNGE_CPUS)
+def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None,
+                owner: str, pbase: np.ndarray | None = None, pmask: np.ndarray | None = None):
     """Munge `blocks` of `disk`; `prev`: the previous version's hash of each (the munge cache).
     Where `pmask[i]` is set, block i is patched (storage/patch.py): only the granules of the mask
-    are read, and stored as a delta over the whole block `pbase[i]`."""
+    are read, and stored as a delta over the whole block `pbase[i]`.
+    The blocks the store lacks are claimed as `owner`, compressed, and written here into packs
+    on the store, each pack then committed to the index shards: only their index entries go
+    back to the snapshot actor, never the data."""
     crash_point("read-task")
+    store = Store.open_cached(store_url)
+    codec = store.codec
     t_start = time.perf_counter()
     t_read = t_hash = 0.0
     out_blocks, out_hashes, out_bases, out_deltas, out_grains = [], [], [], [], []
@@ -87,7 +98,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         off = first * block_size
         length = min(count * block_size, disk.size - off)
         t0 = time.perf_counter()
-        buf = np.zeros(length, dtype=np.uint8)
+        buf = np.zeros(length, dtype=np.uint8)  # a source may fill only its extents with data
         read_bytes += disk.read_into(buf, off)
         t1 = time.perf_counter()
         t_read += t1 - t0
@@ -137,20 +148,56 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         cand_buf.append(delta)
         cand_patch.append(True)
     t_lookup = time.perf_counter()
-    new_idx = np.zeros(0, np.int64)
     lookups = 0
+    write_idx = np.zeros(0, np.int64)
+    wait_h, fresh_h = EMPTY, EMPTY
     if cand_h:
         ch = np.array(cand_h, dtype="S32")
         uniq, first_pos = np.unique(ch, return_index=True)
         lookups = len(uniq)
-        found = index.lookup(uniq) if index is not None else np.zeros(len(uniq), bool)
-        new_idx = np.sort(first_pos[~found])
+        if index is None:
+            status = np.full(len(uniq), NEW, np.uint8)
+        else:
+            status = index.claim(uniq, owner)
+        # a delta another VM of this run is writing too (clones given the same update): written
+        # here as well, since the snapshot actor could not make it again from the disk
+        own = np.array([cand_patch[j] for j in first_pos], bool) & (status == PENDING)
+        write_idx = np.sort(first_pos[(status == NEW) | own])
+        wait_h = uniq[(status == PENDING) & ~own]
+        fresh_h = uniq[status == FRESH]
     t_encode = time.perf_counter()
     t_lookup = t_encode - t_lookup
-    stored = [codec.encode(cand_buf[j]) for j in new_idx]
-    t_encode = time.perf_counter() - t_encode
-    lens = np.array([len(s) for s in stored], dtype=np.uint32)
-    data = np.frombuffer(b"".join(stored), dtype=np.uint8) if stored else np.zeros(0, np.uint8)
+    written, new_blocks, stored_bytes, packs = [], 0, 0, 0
+    t_write = 0.0
+    builder = PackBuilder()
+
+    def flush():
+        nonlocal builder, packs, t_write
+        t0 = time.perf_counter()
+        store.put_pack(builder)
+        crash_point("after-pack")
+        e = builder.entries
+        h = np.array([x[0] for x in e], dtype="S32")
+        o = np.array([x[1] for x in e], dtype=np.uint64)
+        l = np.array([x[2] for x in e], dtype=np.uint64)
+        if index is not None:
+            index.commit(h, builder.pack_id, o, l)  # now durable: other tasks and VMs of this run may use it
+        crash_point("pack-committed")
+        written.append((h, builder.pack_id, o, l))
+        packs += 1
+        builder = PackBuilder()
+        t_write += time.perf_counter() - t0
+
+    for j in write_idx:
+        stored = codec.encode(cand_buf[j])
+        builder.add(cand_h[j], stored)
+        new_blocks += 1
+        stored_bytes += len(stored)
+        if builder.size >= TARGET_PACK:
+            flush()
+    if len(builder):
+        flush()
+    t_encode = time.perf_counter() - t_encode - t_write
     logical = sum(min(c * block_size, disk.size - f * block_size) for f, c in runs) + len(pruns) * block_size
     return {
         "blocks": np.array(out_blocks, dtype=np.uint64),
@@ -158,10 +205,12 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         "bases": np.array(out_bases, dtype="S32") if out_bases else EMPTY,
         "deltas": np.array(out_deltas, dtype="S32") if out_deltas else EMPTY,
         "grains": np.array(out_grains, dtype=np.uint64),
-        "new_hashes": np.array([cand_h[j] for j in new_idx], dtype="S32") if len(new_idx) else EMPTY,
-        "new_patch": np.array([cand_patch[j] for j in new_idx], dtype=bool),
-        "lens": lens,
-        "data": data,
+        "written": written,        # [(hashes, pack id, offsets, lengths)] of the packs this task wrote
+        "wait": wait_h,            # hashes another owner was writing: located at commit
+        "fresh": fresh_h,          # hashes in packs of this run: their entries are copied at commit
+        "new_blocks": new_blocks,
+        "stored_bytes": stored_bytes,
+        "packs": packs,
         "read_bytes": read_bytes,
         "zero_blocks": zero,
         "cache_hits": hits,
@@ -170,7 +219,7 @@ def munge_batch(disk, codec, block_size: int, blocks: np.ndarray, prev: np.ndarr
         "node": ray.get_runtime_context().get_node_id(),
         "logical": int(logical),
         # seconds in this task, summed over tasks into the version's "task_seconds"
-        "times": {"read": t_read, "hash": t_hash, "lookup": t_lookup, "compress": t_encode,
+        "times": {"read": t_read, "hash": t_hash, "lookup": t_lookup, "compress": t_encode, "write": t_write,
                   "total": time.perf_counter() - t_start},
     }
 
@@ -187,6 +236,7 @@ class SnapshotActor:
         """Ready for a backup (a new actor, or a warm one of `alike server` between backups):
         nothing of an earlier backup is kept."""
         self.store = Store.open(store_url)
+        self.store_url = store_url
         self.lock_key = lock_key
         self.index = index
         self.in_flight = in_flight
@@ -218,7 +268,9 @@ class SnapshotActor:
         self.owner = f"{vm}@{version}"
         self.pending = []
         self.read_nodes = set()
+        self.tasks = 0
         t0 = time.monotonic()
+        self.cpu0 = time.process_time()
         snap = None
         committed = False
         try:
@@ -329,14 +381,17 @@ class SnapshotActor:
             if disk.node_id:
                 from .cluster import pin_here
                 strategy = {"scheduling_strategy": pin_here(disk.node_id)}
+            in_flight = max(2, int(self.in_flight / MUNGE_CPUS))
             for i in range(0, len(todo), per_task):
                 batch = todo[i:i + per_task]
-                if len(refs) >= self.in_flight:
+                if len(refs) >= in_flight:
                     ready, refs = ray.wait(refs, num_returns=1)
                     self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out)
                 p = prev_hash[batch] if pd is not None else None
                 extra = (pbase[batch], pmask[batch]) if pmask is not None and pmask[batch].any() else ()
-                refs.append(munge_batch.options(**strategy).remote(disk, codec, bs, batch, p, self.index, *extra))
+                self.tasks += 1
+                refs.append(munge_batch.options(**strategy).remote(self.store_url, disk, bs, batch, p, self.index,
+                                                                   f"{self.owner}/{self.tasks}", *extra))
             while refs:
                 ready, refs = ray.wait(refs, num_returns=1)
                 self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out)
@@ -382,6 +437,8 @@ class SnapshotActor:
             **({"notes": list(snap.vm.notes)} if snap.vm.notes else {}),  # warnings of the source
             **({"shape": dict(snap.vm.shape)} if snap.vm.shape else {}),  # for a restore into a hypervisor
             "seconds": round(seconds, 3),
+            # CPU of the snapshot actor's process over this backup (the read tasks' is in task_seconds)
+            "actor_cpu_seconds": round(time.process_time() - self.cpu0, 3),
         }
         if self.lock_key and not store.backend.exists(self.lock_key):
             raise LockLost("backup")  # a gc may have gone on without us: refuse to commit
@@ -417,7 +474,7 @@ class SnapshotActor:
         bases_out.append(r["bases"])
         deltas_out.append(r["deltas"])
         grains_out.append(r["grains"])
-        for k in ("read_bytes", "zero_blocks", "cache_hits", "patched_blocks"):
+        for k in ("read_bytes", "zero_blocks", "cache_hits", "patched_blocks", "new_blocks", "stored_bytes", "packs"):
             stats[k] += r[k]
         stats["index_lookups"] += r["lookups"]
         ts = stats.setdefault("task_seconds", {})
@@ -425,19 +482,11 @@ class SnapshotActor:
             ts[k] = round(ts.get(k, 0.0) + v, 3)
         self.done += r["logical"]
         self.read_nodes.add(r["node"])
-        nh = r["new_hashes"]
-        if not len(nh):
-            return
-        status = self.index.claim(nh, self.owner)
-        ends = np.cumsum(r["lens"])
-        starts = ends - r["lens"]
-        data = r["data"]
-        # a delta another VM of this run is writing too (clones given the same update): written
-        # here as well, since _rewrite could not make it again from the disk
-        own = r["new_patch"] & (status == PENDING)
-        for i in np.flatnonzero((status == NEW) | own):
-            self._add(nh[i], data[starts[i]:ends[i]].tobytes(), stats)
-        self.pending.append(nh[(status == PENDING) & ~own])
+        self.own.extend(r["written"])
+        # written by another owner (or in a pack of this run): located at commit, and their
+        # entries copied into this version's own segments
+        self.pending.append(r["wait"])
+        self.pending.append(r["fresh"])
 
     def _add(self, h: bytes, stored: bytes, stats) -> None:
         self.builder.add(h, stored)
@@ -473,6 +522,9 @@ class SnapshotActor:
         -> (hashes, packs, offsets, lengths) to copy into this VM's own index segments, so that
         this version never depends on another VM's segments being committed."""
         pend = np.unique(np.concatenate(self.pending + [EMPTY]))
+        # every read task has ended: a claim still held by one of them is a dead attempt's, and
+        # what waited on it is written below
+        self.index.release(self.owner)
         if not len(pend):
             return EMPTY, [], np.zeros(0, np.uint64), np.zeros(0, np.uint64)
         while True:

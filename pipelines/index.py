@@ -1,11 +1,15 @@
 """The dedup index as Ray actors, each holding some of the 16 on-store shards in compact form
 (`storage.index.CompactIndex`, 44 bytes per unique block).
 
-Besides durable entries (loaded from segments, or added once a pack of this run is durable) a
-shard keeps claims: hashes that a running backup is about to write. Claims are transient and
-bounded by the data in flight, so they live in a plain dict; they let two VMs backed up at once
-store a shared block once. The owner of a claim is a VM's snapshot actor; the driver releases a
-dead owner's claims, and whoever waited on them writes the blocks itself.
+A shard holds the entries of the store's segments, and apart from them the entries of packs
+written during this run ("fresh": durable in a pack, but in no committed segment yet, so a
+version that uses one must copy its entry into its own segments). It also keeps claims: hashes
+that a running backup is about to write. Claims are transient and bounded by the data in
+flight, so they live in a plain dict; they let two VMs backed up at once, and two read tasks of
+one VM, store a shared block once. The owner of a claim is a read task, named
+"<vm>@<version>/<task>": a retry of the task (its worker died) claims its own hashes again. The
+driver or the snapshot actor releases a dead owner's claims ("<vm>@<version>" releases every task
+of that backup), and whoever waited on them writes the blocks itself.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from storage.store import Store
 
 from .faults import crash_point
 
-NEW, DURABLE, PENDING = 0, 1, 2
+NEW, DURABLE, PENDING, FRESH = 0, 1, 2, 3
 
 
 def load_segments(store: Store, keys: list[str], index: CompactIndex) -> list[str]:
@@ -56,6 +60,7 @@ class IndexShard:
         does this at the start of every backup, after the backup registered as a writer)."""
         store = Store.open(store_url)
         self.index = CompactIndex()
+        self.fresh = CompactIndex()
         self.claims: dict[bytes, str] = {}
         load_segments(store, [k for s in self.shards for k in store.segment_keys(s)], self.index)
         crash_point("index-loaded")
@@ -67,44 +72,57 @@ class IndexShard:
     def clear(self) -> None:
         """Drop the loaded index (an idle warm shard keeps its process, not the memory)."""
         self.index = CompactIndex()
+        self.fresh = CompactIndex()
         self.claims = {}
 
     def stats(self) -> dict:
-        return {"entries": len(self.index), "bytes": self.index.nbytes(), "claims": len(self.claims)}
+        return {"entries": len(self.index), "fresh": len(self.fresh), "bytes": self.index.nbytes(),
+                "claims": len(self.claims)}
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
-        return self.index.lookup(hashes)[0]
+        return self.index.lookup(hashes)[0] | self.fresh.lookup(hashes)[0]
 
     def claim(self, hashes: np.ndarray, owner: str) -> np.ndarray:
-        """-> per hash: NEW (now claimed by `owner`: write it), DURABLE (stored, or claimed by
-        `owner` already), PENDING (another owner is writing it: wait for it at commit)."""
+        """-> per hash: NEW (now claimed by `owner`: write it; also when `owner` claimed it
+        before, as a retried task does), DURABLE (in a committed segment), FRESH (in a pack of
+        this run: the caller copies its entry into its own segments), PENDING (another owner is
+        writing it: wait for it at commit)."""
         found = self.index.lookup(hashes)[0]
-        out = np.where(found, DURABLE, NEW).astype(np.uint8)
-        for i in np.flatnonzero(~found):
+        fresh = self.fresh.lookup(hashes)[0] & ~found
+        out = np.where(found, DURABLE, np.where(fresh, FRESH, NEW)).astype(np.uint8)
+        for i in np.flatnonzero(~found & ~fresh):
             h = h32(hashes[i])
             o = self.claims.get(h)
             if o is None:
                 self.claims[h] = owner
-            elif o == owner:
-                out[i] = DURABLE
-            else:
+            elif o != owner:
                 out[i] = PENDING
         return out
 
     def commit(self, hashes: np.ndarray, pack: str, offsets, lengths) -> None:
-        self.index.add(hashes, pack, offsets, lengths)
+        """The blocks `hashes` are durable in `pack` (not yet in a segment)."""
+        self.fresh.add(hashes, pack, offsets, lengths)
         for h in hashes:
             self.claims.pop(h32(h), None)
 
     def release(self, owner: str) -> int:
-        dead = [h for h, o in self.claims.items() if o == owner]
+        """Drop the claims of `owner`, and of its tasks ("<owner>/...")."""
+        sub = owner + "/"
+        dead = [h for h, o in self.claims.items() if o == owner or o.startswith(sub)]
         for h in dead:
             del self.claims[h]
         return len(dead)
 
     def locate(self, hashes: np.ndarray):
-        """-> (found, pack ids, offsets, lengths, pending)."""
+        """-> (found, pack ids, offsets, lengths, pending): in a segment or a pack of this run."""
         found, packs, off, ln = self.index.locate(hashes)
+        if len(self.fresh.runs) and not found.all():
+            miss = np.flatnonzero(~found)
+            f2, p2, o2, l2 = self.fresh.locate(hashes[miss])
+            at = miss[f2]
+            found[at], off[at], ln[at] = True, o2[f2], l2[f2]
+            for k, p in zip(at, (p for p, f in zip(p2, f2) if f)):
+                packs[k] = p
         pending = np.array([not f and h32(h) in self.claims for f, h in zip(found, hashes)], bool)
         return found, packs, off, ln, pending
 

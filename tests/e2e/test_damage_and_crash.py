@@ -85,11 +85,11 @@ def test_deleted_pack_and_truncated_manifest(alike, corpus, tmp_path):
     assert p.returncode == 3 and "Traceback" not in p.stderr and not (tmp_path / "db.raw").exists()
 
 
-CRASH_POINTS = ["after-pack", "before-segments", "before-manifests", "before-version"]
+CRASH_POINTS = ["absorbed", "before-segments", "before-manifests", "before-version"]
 
 
 # CI: the first and the last commit step (the crash matrix covers every point of the driver)
-@pytest.mark.parametrize("point", cases(CRASH_POINTS, ci=["after-pack", "before-version"]))
+@pytest.mark.parametrize("point", cases(CRASH_POINTS, ci=["absorbed", "before-version"]))
 def test_worker_killed_in_snapshot_actor(alike, corpus, tmp_path, point):
     """kill -9 of the worker running the VM's snapshot actor at each commit step."""
     store = tmp_path / "ads"
