@@ -66,7 +66,7 @@ def cmd_backup(args) -> int:
             print(f"alike: warning: {r['vm']}: {note}", file=sys.stderr)
     keys = ("vm", "version", "logical_bytes", "read_bytes", "new_blocks", "stored_bytes", "zero_blocks",
             "cache_hits", "index_lookups", "packs", "cbt", "patched_blocks", "cbt_notes", "notes", "read_nodes", "seconds",
-            "phase_seconds", "task_seconds", "vaulted")
+            "phase_seconds", "task_seconds", "actor_cpu_seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
     if not args.json:
         for r in ok:
