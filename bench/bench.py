@@ -59,6 +59,8 @@ S3_TOOLS = ("alike", "restic")  # borg has no S3 backend
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 RAY_TMP = "/tmp/alike-bench-ray"   # short: Ray's unix socket paths must stay < 108 chars
+# (bench.py's main() gives its head a temp dir of its own pid, RAY_TMP.PID.d: two bench.py at once
+# never share one, and ray_head_pids of one never matches the other's processes)
 
 
 def log(*a):
@@ -191,6 +193,8 @@ class RayHead:
             deadline = time.time() + 10
             while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
                 time.sleep(0.2)
+        if exc[0] is None and re.search(r"\.\d+\.d$", RAY_TMP):  # a head of this pid's: its logs go too
+            shutil.rmtree(RAY_TMP, ignore_errors=True)
         log(f"ray head stopped ({len(pids)} processes)")
 
 
@@ -609,6 +613,8 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite RESULTS/latest.md from RESULTS/latest.json (no runs)")
     a = ap.parse_args(argv)
+    global RAY_TMP
+    RAY_TMP = f"/tmp/alike-bench-ray.{os.getpid()}.d"
     if a.report_only:
         d = json.load(open(os.path.join(a.results, "latest.json")))
         md = report(medians(d["results"]), d["meta"], d["results"])
