@@ -205,11 +205,23 @@ class Store:
     @classmethod
     def open_cached(cls, spec) -> "Store":
         """`open` once per process and spec: Ray workers run many tasks, and an S3 client costs
-        a few hundred milliseconds to make."""
+        a few hundred milliseconds to make. The cached store is used only while its config.json
+        is still the one it was opened with (read again at each call: one small read): a store
+        created anew at the same place has another hash key, and a task that hashed with the
+        old one would record hashes that match nothing (a warm worker of `alike server` outlives
+        the store it first saw)."""
         key = repr(sorted(spec.items())) if isinstance(spec, dict) else spec
         st = cls._cache.get(key)
-        if st is None:
-            st = cls._cache[key] = cls.open(spec)
+        if st is not None:
+            try:
+                raw = st.backend.get("config.json")
+            except ObjectMissing:
+                raise NotAStore(st.url) from None
+            if raw == st._config_raw:
+                return st
+        st = cls.open(spec)
+        st._config_raw = st.backend.get("config.json")
+        cls._cache[key] = st
         return st
 
     # -- packs ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -234,3 +235,18 @@ def test_rewrite_index_drops_adds_and_compacts(tmp_path):
     got = dict(zip(h2.tolist(), zip(p2.tolist(), o2.tolist())))
     assert got[h[251]] == ("d" * 32, 7)
     assert len(st.segment_keys()) <= 16 < before
+
+
+def test_open_cached_follows_a_store_created_anew(tmp_path):
+    """A worker process keeps the stores it opened; a store created again at the same place
+    (another hash key) must not be hashed or decoded with the old one's key."""
+    path = str(tmp_path / "st")
+    Store.init(path)
+    first = Store.open_cached(path)
+    assert Store.open_cached(path) is first
+    shutil.rmtree(path)
+    Store.init(path)
+    second = Store.open_cached(path)
+    assert second is not first
+    assert second.codec.hash_key != first.codec.hash_key
+    assert second.codec.hash_key == Store.open(path).codec.hash_key
