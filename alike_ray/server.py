@@ -81,6 +81,10 @@ class ServerGone(ServerError):
     """{detail}"""  # no server answers at the socket (none there, or a dead one's socket file)
 
 
+class ServerRefused(ServerError):
+    """{detail}"""  # a server is there, and this user may not use it
+
+
 class Declined(Exception):
     """The server will not take an implicit request (other code, another environment)."""
 
@@ -164,7 +168,7 @@ def _connect(sock: str, timeout: float | None = 5) -> socket.socket:
     except (ConnectionRefusedError, OSError) as e:
         s.close()
         if isinstance(e, PermissionError):
-            raise ServerError(f"not allowed to use the alike server at {sock}: it belongs to another user") from None
+            raise ServerRefused(f"not allowed to use the alike server at {sock}: it belongs to another user") from None
         raise ServerGone(f"the alike server at {sock} does not answer ({e.strerror or e}): it has stopped; "
                          f"start it again with `alike server start --socket {sock}`") from None
     s.settimeout(None)
@@ -238,6 +242,9 @@ def route(args, command: str) -> int | None:
         if os.path.exists(sock):
             _warn(f"the alike server at {sock} does not answer (its socket was left by a server that was "
                   f"killed): the {command} runs here; `alike server start` starts a new one")
+        return None
+    except ServerRefused as e:
+        _warn(f"{e.message}: the {command} runs here")
         return None
     except Declined as d:
         _declined(sock, command, d)
