@@ -22,8 +22,8 @@ Where a command runs (the client decides, in route()):
   here, as if no server ran (a server with other code says so in one warning line);
 - a socket file nobody answers at (a server that was killed): one `alike: warning:` line, and here;
 - no server: on a terminal (not under CI, not with ALIKE_SERVER_AUTOSTART=0), the command starts
-  one detached (`alike server run --idle-timeout`, ALIKE_SERVER_IDLE, default 10 min), says so in
-  one line, and runs in it; elsewhere (scripts, cron, tests) here.
+  one detached (as `alike server start --idle-timeout` does; ALIKE_SERVER_IDLE, default 10 min),
+  says so in one line, and runs in it; elsewhere (scripts, cron, tests) here.
 
 Wire protocol, on a Unix socket (mode 0600: only its owner may use it, as with the store):
 the client sends one JSON line, the server answers with JSON lines.

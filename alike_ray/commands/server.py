@@ -108,6 +108,8 @@ def cmd_status(args) -> int:
         f"actors started {w['actors_started']}, reused {w['actors_reused']}; index sets started "
         f"{w['indexes_started']}, reused {w['indexes_reused']}")
     if st.get("idle_timeout_seconds"):
-        out(f"  stops after {st['idle_timeout_seconds']:g} s without a command")
+        from ..server import _say_duration
+
+        out(f"  stops after {_say_duration(st['idle_timeout_seconds'])} without a command")
     out(f"  log: {st['log']}")
     return 0
