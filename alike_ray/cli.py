@@ -10,8 +10,8 @@ point: the parser with the options every command shares, and the error handling.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import time
 
 from storage.errors import StoreError
 
@@ -110,26 +110,32 @@ def _warnings_as_lines() -> None:
 
 
 def main(argv=None) -> int:
+    started = time.time()
+    if argv is None:  # the `alike` program: the user has waited since the process started
+        from .server import process_started
+
+        started = process_started()
     _warnings_as_lines()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    server = getattr(args, "server", None)
-    if server is None and os.environ.get("ALIKE_SERVER") and hasattr(args, "server"):
-        args.server = server = os.environ["ALIKE_SERVER"]
-    if server:  # run it in `alike server`: no Ray, no numpy in this process
-        from .server import default_socket, run_remote
-
-        if server is True:
-            args.server = default_socket()
+    args.started_at = started
+    command = " ".join(filter(None, (args.command, getattr(args, "job_command", None))))
+    if hasattr(args, "no_server"):  # a command `alike server` runs (commands/__init__.py, SERVED)
+        from .server import route  # no Ray, no numpy in this process when a server runs it
 
         try:
-            return run_remote(args, " ".join(filter(None, (args.command, getattr(args, "job_command", None)))))
+            code = route(args, command)
         except StoreError as e:
             print(f"alike: error: {e.message}", file=sys.stderr)
             return int(e.exit_code)
+        except KeyboardInterrupt:  # while a server was being started for it: that one goes on
+            print("alike: interrupted", file=sys.stderr)
+            return 130
+        if code is not None:
+            return code
     _guard_stdout()
     return run_args(args)
 

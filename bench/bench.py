@@ -50,7 +50,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import common  # noqa: E402
+import common  # noqa: E402,F401  (a command runs in its own process unless sent to a server)
 import corpus  # noqa: E402
 
 LOCAL_STEPS = ["first", "vm2", "day2", "restore"]

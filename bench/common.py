@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 
+# a bench measures what it says: a command that is not sent to a server with --server runs in a
+# process of its own, also when an `alike server` runs at this host's default socket
+os.environ.setdefault("ALIKE_SERVER", "off")
+os.environ.setdefault("ALIKE_SERVER_AUTOSTART", "0")
+
 
 def put_section(path: str, section: str, begin: str, end: str) -> None:
     """Replace one bench's section of latest.md (between its markers `begin` and `end`), or

@@ -54,7 +54,8 @@ def connect(address: str | None = None, env: dict | None = None, terminal: bool 
         output.divert()
         try:
             # "local": always a new instance of our own, even if `ray start` left one on this host
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+            with _lean_local_instance(debug):
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
         except BaseException:
             output.restore()
             raise
@@ -62,6 +63,65 @@ def connect(address: str | None = None, env: dict | None = None, terminal: bool 
         output.keep()
     else:
         output.restore()
+
+
+@contextlib.contextmanager
+def _lean_local_instance(debug: bool):
+    """A local instance of our own starts only the Ray processes a command uses. `ray.init`
+    starts, besides the GCS and the raylet, an autoscaler monitor (nothing to scale on one fixed
+    node), a log monitor (it forwards workers' output, which we keep off the terminal), and the
+    dashboard's API server (even with include_dashboard=False: its usage-stats module), which
+    ray.init waits for; and its dashboard agent listens on the fixed port 52365, so while another
+    Ray instance runs on the host (an `alike server`'s, a `ray start` head) the agent retries the
+    taken port for 3.3 s, and the raylet waits for it; and to choose the agent's mode the driver
+    imports the dashboard's dependencies (aiohttp, grpc, opentelemetry...: 0.3 s) where looking them
+    up is enough. On 2 cores all this cost a command several seconds before its first read
+    (bench/startup.py). ray.init has no option for them: its RayParams, Node and that check are
+    adjusted for the duration of this one call; a Ray whose internals differ gets its defaults.
+    ALIKE_DEBUG keeps Ray's defaults (its logs, its tools)."""
+    if debug:
+        yield
+        return
+    try:
+        from ray._private import node as ray_node
+        from ray._private import parameter
+        from ray._private import utils as ray_utils
+    except ImportError:
+        yield
+        return
+
+    params, api = parameter.RayParams.__init__, getattr(ray_node.Node, "start_api_server", None)
+    deps = getattr(ray_utils, "get_dashboard_dependency_error", None)
+
+    def dashboard_deps():  # Ray imports them all (0.3 s) to learn whether they are installed
+        import importlib.util
+
+        missing = [m for m in ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelemetry", "prometheus_client",
+                               "pydantic") if importlib.util.find_spec(m) is None]
+        return ImportError(f"No module named {missing[0]!r}") if missing else None
+
+    def lean_params(self, *a, **kw):
+        params(self, *a, **kw)
+        self.no_monitor = True
+        self.include_log_monitor = False
+        self.dashboard_agent_listen_port = 0  # any free port
+
+    def no_api_server(self, **kw):
+        self._webui_url = None
+
+    parameter.RayParams.__init__ = lean_params
+    if api is not None:
+        ray_node.Node.start_api_server = no_api_server
+    if deps is not None:
+        ray_utils.get_dashboard_dependency_error = dashboard_deps
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = params
+        if api is not None:
+            ray_node.Node.start_api_server = api
+        if deps is not None:
+            ray_utils.get_dashboard_dependency_error = deps
 
 
 class ClusterError(StoreError):

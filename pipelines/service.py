@@ -8,10 +8,11 @@ A long-lived driver keeps them between backups:
 - snapshot actors: after a backup that ended normally (committed or failed with an error) the
   actor is reset (`SnapshotActor.reset`) and kept; one whose process died is never reused;
 - index shards, per (store, number of shards): after the backup, kept (their processes, not the
-  index they held: it is dropped at once); the next backup of that
-  store takes them and they reload the whole index from the store (`IndexShard.reload`) after it
-  has registered as a writer, exactly as new shards would load: the gc protocol of
-  storage/locks.py is unchanged. Shards of a backup that went wrong are killed;
+  index they held: it is dropped at once); the next backup of that store (else of another store,
+  with as many shards: a shard's reload forgets everything it held) takes them and they reload the
+  whole index from the store (`IndexShard.reload`) after it has registered as a writer, exactly as
+  new shards would load: the gc protocol of storage/locks.py is unchanged. Shards of a backup
+  that went wrong are killed;
 - read-task workers: Ray keeps a job's idle workers (up to the node's CPUs), so the second
   backup's tasks run in processes that have imported everything already.
 
@@ -102,9 +103,10 @@ class WarmPool:
     def take_index(self, store_url: str, n: int, scheduling_strategy):
         from .index import IndexClient
 
-        with self.lock:
-            idle = self.indexes.get((store_url, n)) or []
-            index = idle.pop() if idle else None
+        with self.lock:  # this store's idle shards, else another store's with as many shards
+            key = (store_url, n) if self.indexes.get((store_url, n)) else \
+                next((k for k, v in self.indexes.items() if k[1] == n and v), None)
+            index = self.indexes[key].pop() if key else None
         if index is not None:
             try:
                 index.reload(store_url)
@@ -113,6 +115,9 @@ class WarmPool:
                 return index
             except ray.exceptions.RayActorError:
                 index.shutdown()
+            except BaseException:  # the store's index cannot be loaded: no shards are left behind
+                index.shutdown()
+                raise
         with self.lock:
             self.counts["indexes_started"] += 1
         return IndexClient.start(store_url, n, scheduling_strategy, wait=False)

@@ -19,6 +19,11 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "alike-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "alike-test-secret-do-not-print")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Every command runs in its own process unless a test names a server: never in an `alike server`
+# that happens to run at this host's default socket, and none is started on the fly (a test in
+# a pty would otherwise start one). tests/e2e/test_server.py sets these per command.
+os.environ["ALIKE_SERVER"] = "off"
+os.environ["ALIKE_SERVER_AUTOSTART"] = "0"
 
 
 # -- markers and CI strict mode ---------------------------------------------------------------

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 from storage.errors import StoreError
 
-from . import Served, _checks
-from ..ui import Progress, _connect, _h, out
+from . import Served, _checks, absolute_args, add_server_options
+from ..ui import Progress, _connect, _h, out, took, with_times
 
 
 @dataclass(frozen=True)
@@ -68,16 +67,19 @@ def cmd_backup(args) -> int:
             "cache_hits", "index_lookups", "packs", "cbt", "patched_blocks", "cbt_notes", "notes", "read_nodes", "seconds",
             "phase_seconds", "task_seconds", "actor_cpu_seconds", "vaulted")
     ok = [{k: r.get(k) for k in keys if k in r} for r in results if "error" not in r]
-    if not args.json:
+    if not args.json:  # one VM: the time the user waited; several: each VM's, then the user's
         for r in ok:
             patched = f" ({r['patched_blocks']} patched)" if r.get("patched_blocks") else ""
             out(f"{r['vm']}@{r['version']}: {_h(r['logical_bytes'])} disks, read {_h(r['read_bytes'])}, "
-                  f"{r['new_blocks']} new blocks{patched}, {_h(r['stored_bytes'])} stored, {r['seconds']:.1f}s")
+                f"{r['new_blocks']} new blocks{patched}, {_h(r['stored_bytes'])} stored, "
+                + (took(args) if len(results) == 1 else f"{r['seconds']:.1f}s"))
+        if len(results) > 1:
+            out(f"{len(ok)} of {len(results)} VMs backed up {took(args)}")
     elif len(results) == 1 and ok:
-        out(json.dumps(ok[0]))
+        out(json.dumps(with_times(args, ok[0])))
     else:
-        out(json.dumps({"ok": not failed, "seconds": round(time.monotonic() - t0, 3), "vms": ok,
-                          "errors": [{"vm": r["vm"], "error": r["error"]} for r in failed]}))
+        out(json.dumps(with_times(args, {"ok": not failed, "seconds": round(time.monotonic() - t0, 3), "vms": ok,
+                                         "errors": [{"vm": r["vm"], "error": r["error"]} for r in failed]})))
     if failed:
         return max(int(r.get("exit_code", 1)) for r in failed)
     return 0
@@ -149,10 +151,7 @@ def register(add, sub) -> None:
     sp.add_argument("--shared", action="store_true",
                     help="the image path is visible on every Ray node (NFS...): read tasks may run anywhere")
     sp.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
-    sp.add_argument("--server", nargs="?", const=True, metavar="SOCKET",
-                    help="run the backup in the long-lived `alike server` listening at SOCKET (default: "
-                         "$ALIKE_SERVER, else the server's default socket): its Ray workers are already up, so "
-                         "a backup costs only its own work. Setting $ALIKE_SERVER makes this the default")
+    add_server_options(sp, "backup")
 
     sp.add_argument("--vault-to", metavar="STORE", help="after the backup, vault the new versions to this store")
     sp.add_argument("--to-endpoint", help="S3 endpoint of the --vault-to store (default: --endpoint)")
@@ -171,15 +170,15 @@ def add_hypervisor_options(sp) -> None:
 
 
 def _client_args(d: dict) -> None:
-    from ..config import absolute_store
     from ..sources import absolute_source
 
-    d["store"] = absolute_store(d.get("store") or os.environ.get("ALIKE_STORE"))
-    d["sources"] = [absolute_source(s) for s in d.get("sources") or []]
-    d["vault_to"] = absolute_store(d.get("vault_to"))
-    for k in ("credentials", "ca_bundle"):  # the server resolves paths from its own folder
-        if d.get(k):
-            d[k] = os.path.abspath(d[k])
+    absolute_args(d, stores=("store", "vault_to"), paths=("credentials", "ca_bundle"))
+    sources = d.get("sources") or []
+    d["sources"] = [absolute_source(s) for s in sources]
+    for given, full in zip(sources, d["sources"]):  # image paths shown as given
+        for g, f in zip(given.partition(":")[2].split(","), full.partition(":")[2].split(",")):
+            if g != f:
+                d.setdefault("_shown", {})[f] = g
 
 
 SERVED = {"backup": Served(cmd_backup, _client_args)}

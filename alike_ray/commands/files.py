@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from ..ui import _emit, _h, out
+from . import Served, absolute_args, add_server_options
+from ..ui import _emit, _h, out, work_starts
 
 
 def cmd_files(args) -> int:
@@ -29,6 +30,7 @@ def cmd_files(args) -> int:
     from storage.store import Store
 
     spec = store_url(args)
+    work_starts(args)  # no Ray: the work begins at once
     # a reader: a gc running meanwhile deletes no pack we may read (best effort without write rights)
     lock = store_lock(Store.open(spec).backend, "reader", "files")
     try:
@@ -121,6 +123,14 @@ def register(add, sub) -> None:
                     help="partition number as in `parts` (default: the disk's only readable filesystem)")
     sp.add_argument("--to", metavar="DIR", help="get: the folder to extract into (created if missing)")
     sp.add_argument("--force", action="store_true", help="get: overwrite files that exist in --to")
+    add_server_options(sp, "files command")
+
+
+def _client_args(d: dict) -> None:
+    absolute_args(d, paths=("to",))  # PATHs are inside the backup's filesystem: left as they are
+
+
+SERVED = {"files": Served(cmd_files, _client_args)}
 
 
 def _disk_number(s: str) -> int:

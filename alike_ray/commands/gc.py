@@ -7,7 +7,8 @@ import time
 
 from storage.errors import InvalidValue
 
-from ..ui import _emit, _h
+from . import Served, absolute_args, add_server_options
+from ..ui import _emit, _h, with_times, work_starts
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -56,6 +57,7 @@ def cmd_gc(args) -> int:
             print(f"\rgc: {phase} {done}/{total}   ", end="", file=sys.stderr, flush=True)
             shown["any"] = True
 
+    work_starts(args)  # no Ray: the work begins at once
     rep = run_gc(store_url(args), grace=grace, repack_below=args.repack_below, dry_run=args.dry_run,
                  wait=wait, on_progress=progress)
     if shown:
@@ -78,7 +80,7 @@ def cmd_gc(args) -> int:
                     f"{rep['temp_files']} temporary files of interrupted runs")
     if rep["finished_earlier_gc"]:
         text.append(f"finished {rep['finished_earlier_gc']} earlier gc run(s) that had been cut short")
-    _emit(args, rep, "\n".join(text))
+    _emit(args, with_times(args, rep), "\n".join(text))
     return 0
 
 
@@ -95,3 +97,7 @@ def register(add, sub) -> None:
     sp.add_argument("--wait", default="10m",
                     help="how long to wait for backups that started before gc (default 10m); after "
                          "that the deletion is left for the next gc")
+    add_server_options(sp, "gc")
+
+
+SERVED = {"gc": Served(cmd_gc, absolute_args)}

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from . import Served
-from ..ui import EPILOG, _connect, _h, out
+from . import Served, absolute_path, add_server_options
+from ..ui import EPILOG, _connect, _h, out, took, with_times
 
 
 def cmd_job_preview(args) -> int:
@@ -80,10 +80,10 @@ def _print_run(args, job, run) -> None:
         print(f"alike: error: validation found damaged data: {', '.join(val['damaged'] + val['problems'])} "
               "(run `alike verify`)", file=sys.stderr)
     if args.json:
-        out(json.dumps(record))
+        out(json.dumps(with_times(args, record)))
     else:
         ok = sum("error" not in r for r in results)
-        out(f"job {job.name} run {record['run_id']}: {ok} of {len(results)} VM(s) backed up in {record['seconds']:.1f}s")
+        out(f"job {job.name} run {record['run_id']}: {ok} of {len(results)} VM(s) backed up {took(args)}")
         for r in record["vms"]:
             out(f"  {r['vm']:<20} " + (f"FAILED: {r['error']}" if "error" in r else
                 f"{r['version']}  read {_h(r['read_bytes'])}, {r['new_blocks']} new blocks, {_h(r['stored_bytes'])} stored"))
@@ -141,9 +141,7 @@ def register(add, sub) -> None:
     sp.add_argument("--endpoint", help="S3 endpoint of the store")
     sp.add_argument("--profile", help="AWS profile of the store")
     sp.add_argument("--address", help="Ray cluster to join")
-    sp.add_argument("--server", nargs="?", const=True, metavar="SOCKET",
-                    help="run the job in the long-lived `alike server` at SOCKET (default: $ALIKE_SERVER, else the "
-                         "server's default socket); setting $ALIKE_SERVER makes this the default")
+    add_server_options(sp, "job")
     sp = jadd("history", cmd_job_history, "past runs of jobs on a store, newest first")
     sp.add_argument("--store", help="store (default: $ALIKE_STORE)")
     sp.add_argument("--endpoint", help="S3 endpoint of the store")
@@ -156,7 +154,7 @@ def _client_args(d: dict) -> None:
     from ..config import absolute_store
 
     d["store"] = absolute_store(d.get("store"))
-    d["file"] = os.path.abspath(d["file"])
+    d["file"] = absolute_path(d, d["file"])
     d["cwd"] = os.getcwd()  # relative paths in the job file are the client's
     if not d["store"] and os.environ.get("ALIKE_STORE"):  # the job's own store comes first
         d["alike_store_env"] = absolute_store(os.environ["ALIKE_STORE"])

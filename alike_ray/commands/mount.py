@@ -1,4 +1,10 @@
-"""`alike mount`: a store read-only as files (FUSE, alike_ray/restore/mount.py)."""
+"""`alike mount`: a store read-only as files (FUSE, alike_ray/restore/mount.py).
+
+Not served by `alike server` (no SERVED): a mount is a process of its own for as long as it is
+mounted. It uses no Ray (blocks are read from the store in the process, on demand), so it has
+no Ray start-up to save; a FUSE mount belongs to the process that serves it, and `umount` or
+Ctrl-C ends that process with it, where a mount owned by the server would live and die with the
+server instead (and libfuse's own signal handling would be the server's)."""
 from __future__ import annotations
 
 import os

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from ..ui import Progress, _connect, _emit, _h
+from . import Served, absolute_args, add_server_options
+from ..ui import Progress, _connect, _emit, _h, took, with_times
 
 HELP = """Heal --store from --from, a store that shares its hash key (the ODS it was vaulted to, or
 the ADS it was vaulted from). Takes the store's exclusive maintenance lock, verifies every block,
@@ -65,7 +66,7 @@ def cmd_repair(args) -> int:
                         if rep["blocks_moved_locally"] else "")
                      + (f"; removed {len(rep['segments_removed'])} damaged index segment(s)"
                         if rep["segments_removed"] else "")
-                     + f" ({rep['seconds']:.1f}s)")
+                     + f" {took(args)}")
         if rep.get("damaged_packs_left"):
             lines.append(f"  {len(rep['damaged_packs_left'])} damaged pack file(s) left in place; nothing points "
                          "at their damaged blocks any more and `alike gc` removes them")
@@ -75,7 +76,7 @@ def cmd_repair(args) -> int:
         lines.append("repaired: run `alike verify` to confirm" if rep["ok"] else
                      f"{len(rep['unrepairable'])} item(s) could not be repaired: restore them from another "
                      "copy or back the VMs up again")
-    _emit(args, rep, "\n".join(lines))
+    _emit(args, with_times(args, rep), "\n".join(lines))
     return 0 if rep["ok"] else 3
 
 
@@ -87,3 +88,11 @@ def register(add, sub) -> None:
     sp.add_argument("--from-profile", help="AWS profile of --from (default: --profile)")
     sp.add_argument("--dry-run", action="store_true", help="only list what would be fetched and fixed")
     sp.add_argument("--address", help="Ray cluster to join")
+    add_server_options(sp, "repair")
+
+
+def _client_args(d: dict) -> None:
+    absolute_args(d, stores=("store", "source"))
+
+
+SERVED = {"repair": Served(cmd_repair, _client_args)}

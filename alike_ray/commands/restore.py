@@ -6,8 +6,8 @@ import time
 
 from storage.errors import StoreError
 
-from . import _checks
-from ..ui import Progress, _connect, _emit, _h
+from . import Served, _checks, absolute_args, absolute_path, add_server_options
+from ..ui import Progress, _connect, _emit, _h, took, with_times
 
 
 def cmd_restore(args) -> int:
@@ -137,12 +137,12 @@ def cmd_restore(args) -> int:
             raise
     res["seconds"] = round(time.monotonic() - t0, 3)
     text = (f"restored {vm}@{version} to {', '.join(targets)} ({_h(res['logical_bytes'])}, "
-            f"{_h(res['written_bytes'])} of data, {res['seconds']:.1f}s)")
+            f"{_h(res['written_bytes'])} of data) {took(args)}")
     if hyper:
         text += f"\nnew VM {hyper[2]} defined on {hyper[1]} ({res['vm_created']['state']})"
         if memory_disk:
             text += "\n(the version's memory image was left out: KVM cannot resume a Xen VM's memory)"
-    _emit(args, res, text)
+    _emit(args, with_times(args, res), text)
     return 0
 
 
@@ -179,10 +179,10 @@ def _restore_into(args, url, st, vm, version, meta, target, name, disks, memory_
     made = res["vm_created"]
     where = f"SR {made['sr']!r}" if "sr" in made else f"datastore {made['datastore']!r}"
     text = (f"restored {vm}@{version} into {target.url} as VM {name} ({made['uuid']}, {made['state']}, "
-            f"{where}): {_h(res['logical_bytes'])}, {_h(res['written_bytes'])} of data, {res['seconds']:.1f}s")
+            f"{where}): {_h(res['logical_bytes'])}, {_h(res['written_bytes'])} of data, {took(args)}")
     for note in made.get("notes", []):
         text += f"\nnote: {note}"
-    _emit(args, res, text)
+    _emit(args, with_times(args, res), text)
     return 0
 
 
@@ -228,3 +228,13 @@ def register(add, sub) -> None:
                     help="which store to read when both hold the version (default onsite; the other "
                          "is used when only it has the version)")
     sp.add_argument("--address", help="Ray cluster to join")
+    add_server_options(sp, "restore")
+
+
+def _client_args(d: dict) -> None:
+    absolute_args(d, stores=("store", "offsite"), paths=("pool_dir", "scratch_dir", "credentials", "ca_bundle"))
+    if not d["to"].startswith(("kvm:", "xen:", "vmware:")):  # a file or folder here
+        d["to"] = absolute_path(d, d["to"])
+
+
+SERVED = {"restore": Served(cmd_restore, _client_args)}

@@ -6,12 +6,17 @@ import json
 from ..ui import _emit, out
 
 HELP = """A long-lived alike process that joins Ray once and keeps its workers warm (a snapshot
-actor, index shard actors, read-task workers). `alike backup --server` (or $ALIKE_SERVER) sends a
-backup to it: the same messages, JSON and exit codes as a local backup, without the 2-3 s each
-new process spends starting a Ray job. Its socket is owner-only (mode 0600). The server uses its
-own environment (S3 credentials, ALIKE_* settings), not the client's; restart it after upgrading
-alike. A backup whose client went away still ends in the server (committed or cleanly failed);
-its output goes to the server's log, next to the socket (SOCKET without .sock + .log)."""
+actor, index shard actors, read-task workers). While it runs at the default socket ($ALIKE_SERVER,
+else the one below), backup, restore, verify, vault, repair, gc, files and job run go to it: the
+same messages, JSON and exit codes as in a process of their own, without the seconds each new
+process spends starting a Ray job (--no-server, or ALIKE_SERVER=off, runs a command in its own
+process; a command whose environment differs from the server's, in AWS_* or ALIKE_* settings, the
+Ray cluster or the umask, runs in its own process too). On a terminal, a command that finds no
+server starts one that stops after 10 min without a command ($ALIKE_SERVER_IDLE;
+ALIKE_SERVER_AUTOSTART=0: never). Its socket is owner-only (mode 0600). Ctrl-C on a client
+interrupts its command in the server; a client that went away otherwise leaves its command to
+end there (committed or cleanly failed), its output in the server's log, next to the socket
+(SOCKET without .sock + .log). Restart the server after upgrading alike."""
 
 
 def register(add, sub) -> None:
@@ -33,12 +38,25 @@ def register(add, sub) -> None:
     p.add_argument("--address", help="Ray cluster the server joins (default: $RAY_ADDRESS, else a local instance "
                                      "of its own)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for it to get ready (default 120)")
+    _idle_option(p)
     p = sadd("run", cmd_run, "run the server in the foreground (for systemd and the like); Ctrl-C or SIGTERM "
                              "stops it once its running commands end")
     p.add_argument("--address", help="Ray cluster the server joins (default: $RAY_ADDRESS, else a local instance)")
+    _idle_option(p)
     sadd("stop", cmd_stop, "stop the server once its running commands end")
     sadd("status", cmd_status, "show the server's pid, Ray cluster, running commands and warm workers")
     sp.set_defaults(fn=lambda a: (sp.print_help(), 2)[1])
+
+
+def _idle_option(p) -> None:
+    p.add_argument("--idle-timeout", metavar="DURATION", default="0",
+                   help="stop after this long without a command, e.g. 10m, 2h (default 0: never)")
+
+
+def _idle(args) -> float | None:
+    from .gc import parse_duration
+
+    return parse_duration(args.idle_timeout, "--idle-timeout") or None
 
 
 def _sock(args) -> str:
@@ -52,7 +70,7 @@ def _sock(args) -> str:
 def cmd_start(args) -> int:
     from ..server import start
 
-    st = start(_sock(args), args.address, args.timeout)
+    st = start(_sock(args), args.address, args.timeout, idle=_idle(args))
     _emit(args, st, f"alike server ready on {st['socket']} (pid {st['pid']}, Ray at {st['ray_address']}, "
                     f"log {st['log']})")
     return 0
@@ -61,7 +79,7 @@ def cmd_start(args) -> int:
 def cmd_run(args) -> int:
     from ..server import Server
 
-    return Server(_sock(args), args.address).serve()
+    return Server(_sock(args), args.address, _idle(args)).serve()
 
 
 def cmd_stop(args) -> int:
@@ -89,5 +107,9 @@ def cmd_status(args) -> int:
     out(f"  warm: {w['idle_actors']} idle snapshot actor(s), index shard sets {w['idle_indexes'] or 'none'}; "
         f"actors started {w['actors_started']}, reused {w['actors_reused']}; index sets started "
         f"{w['indexes_started']}, reused {w['indexes_reused']}")
+    if st.get("idle_timeout_seconds"):
+        from ..server import _say_duration
+
+        out(f"  stops after {_say_duration(st['idle_timeout_seconds'])} without a command")
     out(f"  log: {st['log']}")
     return 0

@@ -6,8 +6,8 @@ import time
 
 from storage.errors import StoreError
 
-from . import _checks
-from ..ui import Progress, _connect, _emit, _h
+from . import Served, _checks, absolute_args, add_server_options
+from ..ui import Progress, _connect, _emit, _h, took, with_times
 
 
 def _vault(args, src_spec, vms=None, versions=None) -> dict:
@@ -41,9 +41,9 @@ def cmd_vault(args) -> int:
     _connect(args)
     rep = _vault(args, url, vms=args.vm, versions=args.version)
     rate = rep["bytes_copied"] / rep["seconds"] if rep["seconds"] else 0
-    _emit(args, rep, f"vaulted {rep['versions_copied']} version(s) to {rep['target']} "
-                     f"({rep['versions_present']} already there): {rep['blocks_copied']} blocks, "
-                     f"{_h(rep['bytes_copied'])} copied in {rep['seconds']:.1f}s ({_h(rate)}/s)")
+    _emit(args, with_times(args, rep), f"vaulted {rep['versions_copied']} version(s) to {rep['target']} "
+                                       f"({rep['versions_present']} already there): {rep['blocks_copied']} blocks, "
+                                       f"{_h(rep['bytes_copied'])} copied {took(args, f'{_h(rate)}/s')}")
     if rep["versions_skipped"]:
         print(f"alike: error: {len(rep['versions_skipped'])} version(s) not vaulted, their blocks are damaged "
               f"in the source: {', '.join(rep['versions_skipped'])} (run `alike verify`)", file=sys.stderr)
@@ -62,3 +62,11 @@ def register(add, sub) -> None:
     sp.add_argument("--vm", action="append", help="only this VM (repeatable; default: all)")
     sp.add_argument("--version", action="append", help="only this version id or prefix (repeatable)")
     sp.add_argument("--address", help="Ray cluster to join")
+    add_server_options(sp, "vault")
+
+
+def _client_args(d: dict) -> None:
+    absolute_args(d, stores=("store", "to"))
+
+
+SERVED = {"vault": Served(cmd_vault, _client_args)}

@@ -5,7 +5,8 @@ import json
 
 from storage.errors import StoreError
 
-from ..ui import Progress, _connect, _h, out
+from . import Served, absolute_args, add_server_options
+from ..ui import Progress, _connect, _h, out, took, with_times
 
 
 def cmd_verify(args) -> int:
@@ -34,16 +35,16 @@ def cmd_verify(args) -> int:
     finally:
         bar.close()
     if args.json:
-        out(json.dumps(rep))
+        out(json.dumps(with_times(args, rep)))
     else:
         what = ""
         if sample is not None:
             what = f" (a {sample:g}% sample of the {rep['packs_total']} packs in use)"
         elif older is not None:
             what = f" (those not validated within {args.older_than}, of {rep['packs_total']} in use)"
+        rate = f"{rep['mb_per_s']:.1f} MB/s"
         out(f"checked {rep['blocks_checked']} blocks in {rep['packs_checked']} packs{what} "
-            f"of {rep['versions']} versions: {_h(rep['bytes_read'])} in {rep['seconds']:.1f}s "
-            f"({rep['mb_per_s']:.1f} MB/s)")
+            f"of {rep['versions']} versions: {_h(rep['bytes_read'])} {took(args, rate)}")
         for p in rep["problems"]:
             out(f"  problem: {p}")
         for b in rep["broken"]:
@@ -70,3 +71,7 @@ def register(add, sub) -> None:
                     help="check only packs whose last successful validation is older than AGE "
                          "(e.g. 30d, 12h, 45m, 2w), or that were never validated")
     sp.add_argument("--address", help="Ray cluster to join")
+    add_server_options(sp, "verify")
+
+
+SERVED = {"verify": Served(cmd_verify, absolute_args)}

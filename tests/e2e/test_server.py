@@ -1,13 +1,18 @@
-"""`alike server`: backups run in a long-lived process with warm Ray workers, driven by
-`alike backup --server`. The same outputs and exit codes as a local backup; warm actors are
+"""`alike server`: commands run in a long-lived process with warm Ray workers. Backups driven by
+`alike backup --server`: the same outputs and exit codes as a local backup; warm actors are
 really reused; concurrent clients; a client that goes away; a server killed mid-backup; a
-CBT backup of a real libvirt VM through the server."""
+CBT backup of a real libvirt VM through the server. Every other command that moves data
+(verify, gc, vault, restore, files, repair) gives the output of a local run; a server found
+without --server, and when it is not used; a stale socket; a server started on the fly, a
+client's Ctrl-C, and its idle stop."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +20,7 @@ import time
 
 import pytest
 
+from alike_ray.server import log_path
 from tests import images, kvm_env
 
 MiB = images.MiB
@@ -253,3 +259,201 @@ def test_job_run_through_server(server, alike, corpus, tmp_path, monkeypatch):
     (tmp_path / "bad.toml").write_text('name = "x"\nstore = "ads"\nsources = ["image:web1.img"]\nfrobnicate = 1\n')
     p = alike("job", "run", "bad.toml", "--server", sock)
     assert p.returncode == 2 and "frobnicate" in _no_traceback(p)
+
+
+# -- every command that moves data, through the server ---------------------------------------
+
+_TIMES = re.compile(r"\b\d+(\.\d+)? ?(s|MB/s|B/s|KiB/s|MiB/s|GiB/s)\b")
+_VARYING = ("seconds", "wall_seconds", "startup_seconds", "mb_per_s", "validation_recorded", "phase_seconds",
+            "task_seconds")
+
+
+def _same_text(a: str, b: str) -> bool:
+    return _TIMES.sub("T", a) == _TIMES.sub("T", b)
+
+
+def _same_json(a: dict, b: dict) -> None:
+    assert set(a) == set(b), set(a) ^ set(b)
+    assert {k: v for k, v in a.items() if k not in _VARYING} == {k: v for k, v in b.items() if k not in _VARYING}
+    if "seconds" in a:  # the time the user waited, start-up apart
+        for r in (a, b):
+            assert 0 <= r["startup_seconds"] <= r["wall_seconds"], r
+
+
+@pytest.fixture(scope="module")
+def filled(ray_address, tmp_path_factory, corpus):
+    """A store with one version of the web image (ext4) and its vault copy, made locally."""
+    from tests.conftest import CLI
+
+    d = tmp_path_factory.mktemp("filled")
+    cli = CLI(ray_address, d)
+    ads, ods = str(d / "ads"), str(d / "ods")
+    cli("init", "--store", ads, check=True)
+    v = cli.json("backup", "--store", ads, f"image:{corpus['web']}")["version"]
+    cli("vault", "--store", ads, "--to", ods, check=True)
+    return {"ads": ads, "ods": ods, "version": v}
+
+
+def _both(alike, sock, *args, json_too=True):
+    """Run `alike ARGS` here and through the server (--server): the same exit code, the same text
+    on stdout and stderr (but for durations); then with --json, the same object but for times.
+    -> (local, served) results of the --json runs (or of the text runs)."""
+    here = alike(*args, "--no-server")
+    there = alike(*args, "--server", sock)
+    assert here.returncode == there.returncode, (here.stderr, there.stderr)
+    assert _same_text(here.stdout, there.stdout), (here.stdout, there.stdout)
+    assert _same_text(here.stderr, there.stderr), (here.stderr, there.stderr)
+    if not json_too:
+        return here, there
+    jh, jt = alike(*args, "--json", "--no-server"), alike(*args, "--json", "--server", sock)
+    assert jh.returncode == jt.returncode == here.returncode
+    if jh.returncode == 0:
+        _same_json(json.loads(jh.stdout), json.loads(jt.stdout))
+    return jh, jt
+
+
+def test_verify_through_server(server, alike, filled):
+    sock, _ = server
+    before = alike.json("server", "status", "--socket", sock)["commands_served"]
+    _, there = _both(alike, sock, "verify", "--store", filled["ads"])
+    assert json.loads(there.stdout)["ok"] is True
+    assert alike.json("server", "status", "--socket", sock)["commands_served"] == before + 2
+
+
+def test_gc_through_server(server, alike, filled):
+    sock, _ = server
+    _both(alike, sock, "gc", "--store", filled["ads"], "--dry-run")
+
+
+def test_vault_through_server(server, alike, filled, tmp_path, monkeypatch):
+    """A vault that copies (into two new stores, one each way) and one with nothing to do; the
+    target's relative path is the client's."""
+    sock, _ = server
+    monkeypatch.chdir(tmp_path)
+    here = alike.json("vault", "--store", filled["ads"], "--to", "o1", "--no-server")
+    there = alike.json("vault", "--store", filled["ads"], "--to", "o2", "--server", sock)
+    assert here["versions_copied"] == there["versions_copied"] == 1
+    assert here["blocks_copied"] == there["blocks_copied"] > 0 and os.path.isdir(tmp_path / "o2" / "packs")
+    _both(alike, sock, "vault", "--store", filled["ads"], "--to", "o1", json_too=False)
+
+
+def test_restore_through_server(server, alike, filled, corpus, tmp_path, monkeypatch):
+    """A restore to a relative path (the client's folder), byte-identical; an unknown version is
+    the same one-line error (exit 2)."""
+    sock, _ = server
+    monkeypatch.chdir(tmp_path)
+    here = alike("restore", "--store", filled["ads"], "web", "--to", "a.raw", "--no-server")
+    there = alike("restore", "--store", filled["ads"], "web", "--to", "b.raw", "--server", sock)
+    assert here.returncode == there.returncode == 0, there.stderr
+    assert _same_text(here.stdout.replace("a.raw", "X"), there.stdout.replace("b.raw", "X"))
+    assert "(start-up " in there.stdout
+    for f in ("a.raw", "b.raw"):
+        assert subprocess.run(["cmp", str(tmp_path / f), corpus["web"]]).returncode == 0
+    _both(alike, sock, "restore", "--store", filled["ads"], "web@nosuchversion", "--to", "c.raw", json_too=False)
+
+
+def test_files_through_server(server, alike, filled, tmp_path, monkeypatch):
+    sock, _ = server
+    monkeypatch.chdir(tmp_path)
+    _both(alike, sock, "files", "--store", filled["ads"], "web", "ls", "/")
+    top = [e for e in alike.json("files", "--store", filled["ads"], "web", "ls", "/", "--server", sock)["entries"]
+           if e["name"] not in (".", "..", "lost+found")][0]["name"]
+    p = alike("files", "--store", filled["ads"], "web", "get", "/" + top, "--to", "out", "--server", sock)
+    assert p.returncode == 0 and (tmp_path / "out" / top).exists(), p.stderr
+    _both(alike, sock, "files", "--store", filled["ads"], "web", "ls", "/no/such/dir", json_too=False)
+
+
+def test_repair_through_server(server, alike, filled):
+    sock, _ = server
+    _both(alike, sock, "repair", "--store", filled["ads"], "--from", filled["ods"], "--dry-run")
+
+
+def test_implicit_server_and_its_limits(server, alike, filled):
+    """With $ALIKE_SERVER (or a server at the default socket) and no --server, a command runs in
+    the server; with another environment than the server's (here ALIKE_PACK_TARGET), --address
+    or --no-server, in its own process, with the same output."""
+    sock, _ = server
+    served = lambda: alike.json("server", "status", "--socket", sock)["commands_served"]  # noqa: E731
+    n = served()
+    p = alike("gc", "--store", filled["ads"], "--dry-run", env={"ALIKE_SERVER": sock})
+    assert p.returncode == 0 and served() == n + 1, p.stderr
+    for cmd, env in ((("gc", "--dry-run"), {"ALIKE_SERVER": sock, "ALIKE_PACK_TARGET": "1048576"}),
+                     (("gc", "--dry-run", "--no-server"), {"ALIKE_SERVER": sock}),
+                     (("verify", "--address", alike.address), {"ALIKE_SERVER": sock})):
+        q = alike(cmd[0], "--store", filled["ads"], *cmd[1:], env=env)
+        assert q.returncode == 0 and q.stderr == "" and q.stdout, q.stderr
+    assert served() == n + 1
+    p = alike("verify", "--store", filled["ads"], "--server", sock, "--no-server")
+    assert p.returncode == 2 and "contradict" in _no_traceback(p)
+
+
+def _stale_socket() -> str:
+    """A socket file nobody listens at: what a server killed with -9 leaves."""
+    path = os.path.join(_short_dir(), "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    return path
+
+
+def test_stale_socket_runs_here(alike, filled):
+    """A socket file of a dead server: one warning line, then the command runs in its own process
+    with the output of a local run; asked for with --server, it is an error (exit 2)."""
+    sock = _stale_socket()
+    local = alike("gc", "--store", filled["ads"], "--dry-run")
+    p = alike("gc", "--store", filled["ads"], "--dry-run", env={"ALIKE_SERVER": sock})
+    assert p.returncode == 0 and p.stdout == local.stdout
+    assert p.stderr.splitlines() == [f"alike: warning: the alike server at {sock} does not answer (its socket was left "
+                                     "by a server that was killed): the gc runs here; `alike server start` starts a "
+                                     "new one"], p.stderr
+    p = alike("gc", "--store", filled["ads"], "--dry-run", "--server", sock)
+    assert p.returncode == 2 and "does not answer" in _no_traceback(p)
+    shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+
+
+def test_autostart_interrupt_and_idle(alike, filled, tmp_path):
+    """Asked to (ALIKE_SERVER_AUTOSTART=1, as a terminal would), the first command starts a local
+    server, says so in one line and runs in it; the next ones run in it silently; Ctrl-C of a
+    client interrupts its command in the server as it does locally (exit 130, nothing committed,
+    the server goes on); with no command for ALIKE_SERVER_IDLE the server stops by itself."""
+    d = _short_dir()
+    sock, flag = os.path.join(d, "auto.sock"), str(tmp_path / "paused")
+    env = {"ALIKE_SERVER": sock, "ALIKE_SERVER_AUTOSTART": "1", "ALIKE_SERVER_IDLE": "2s",
+           # the server's first gc holds after its mark phase while `flag` exists (pipelines/faults.py)
+           "ALIKE_CRASH_AT": "gc-after-mark:1:pause", "ALIKE_CRASH_FLAG": flag}
+    try:
+        p = alike("verify", "--store", filled["ads"], env=env)
+        assert p.returncode == 0 and "all versions are intact" in p.stdout, p.stderr
+        assert p.stderr.splitlines() == [f"alike: started a local server at {sock} (stops after 2 s idle; "
+                                         "`alike server stop`)"], p.stderr
+        st = alike.json("server", "status", "--socket", sock)
+        assert st["idle_timeout_seconds"] == 2 and st["commands_served"] == 1
+        e = dict(os.environ, RAY_ADDRESS=alike.address, **env)
+        c = subprocess.Popen([sys.executable, "-m", "alike_ray.cli", "gc", "--store", filled["ads"], "--dry-run"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+        deadline = time.time() + 60
+        while time.time() < deadline and not os.path.exists(flag):
+            time.sleep(0.05)
+        assert os.path.exists(flag), c.communicate(timeout=60)
+        c.send_signal(signal.SIGINT)
+        out, err = c.communicate(timeout=60)
+        assert c.returncode == 130 and err.splitlines() == ["alike: interrupted; nothing partial was committed"], err
+        os.unlink(flag)
+        log = open(log_path(sock)).read()
+        assert "interrupted by its client (Ctrl-C)" in log and "exit 130" in log, log[-2000:]
+        p = alike("gc", "--store", filled["ads"], "--dry-run", env=env)  # the server goes on; no second line
+        assert p.returncode == 0 and p.stderr == "", p.stderr
+        assert alike.json("server", "status", "--socket", sock)["commands_served"] == 3
+        deadline = time.time() + 60
+        while time.time() < deadline and os.path.exists(sock):
+            time.sleep(0.2)
+        assert not os.path.exists(sock), "the server did not stop when idle"
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(st["pid"], 0)
+                time.sleep(0.1)
+        assert "no command for 2 s: stopping" in open(log_path(sock)).read()
+    finally:
+        if os.path.exists(sock):  # a failed test's server
+            alike("server", "stop", "--socket", sock, timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
