@@ -502,8 +502,13 @@ class Server:
         self.pool = WarmPool()
         install(self.pool)
         t0 = time.monotonic()
-        self.pool.prewarm(pin_here(local_node_id()), modules=("alike_ray.sources.image", "alike_ray.sources.kvm"))
-        self.log(f"warm: a snapshot actor and the read-task workers are up ({time.monotonic() - t0:.1f} s)")
+        from pipelines.backup import index_shards
+        from pipelines.cluster import cluster_cpus
+
+        self.pool.prewarm(pin_here(local_node_id()), modules=("alike_ray.sources.image", "alike_ray.sources.kvm"),
+                          index_shards=index_shards(cluster_cpus()))
+        self.log(f"warm: a snapshot actor, index shards and the read-task workers are up "
+                 f"({time.monotonic() - t0:.1f} s)")
         from . import ui
 
         ui._OUT = None  # `alike server run` guarded stdout like any command: commands' output is routed

@@ -26,7 +26,7 @@ import traceback
 import numpy as np
 import ray
 
-from storage import patch
+from storage import dio, patch
 from storage.codec import is_zero
 from storage.index import h32
 from storage.errors import StoreError
@@ -50,6 +50,58 @@ class BackupError(Exception):
 
 
 _BUF = [np.zeros(0, np.uint8)]
+_READERS: list = [None, 0]  # this worker's reader threads, and how many
+
+
+def _reader_pool(n: int) -> ThreadPoolExecutor:
+    """Threads that read a task's pieces ahead of its hashing (kept from task to task)."""
+    if _READERS[1] != n:
+        if _READERS[0] is not None:
+            _READERS[0].shutdown(wait=True)
+        _READERS[0], _READERS[1] = ThreadPoolExecutor(n, thread_name_prefix="alike-read"), n
+    return _READERS[0]
+
+
+class _Pieces:
+    """Read `runs` of `disk` into consecutive slices of `whole`, in order: the first in the
+    caller's thread (it opens the disk's descriptors), the rest, when the disk allows several
+    reads at once (Disk.parallel_reads), by reader threads that keep that many reads in flight.
+    Every read has ended (or been cancelled) once `close()` returns: the buffer is the worker's
+    and the next task reuses it."""
+
+    def __init__(self, disk, runs, block_size: int, whole: np.ndarray):
+        self.disk = disk
+        self.spans, at = [], 0
+        for first, count in runs:
+            off = first * block_size
+            length = min(count * block_size, disk.size - off)
+            self.spans.append((off, whole[at:at + length]))
+            at += length
+        depth = max(1, int(os.environ.get("ALIKE_READ_THREADS") or getattr(disk, "parallel_reads", 1)))
+        self.pool = _reader_pool(depth) if depth > 1 and len(self.spans) > 1 else None
+        self.futures = []
+
+    def _read(self, k: int) -> int:
+        off, buf = self.spans[k]
+        return self.disk.read_into(buf, off)
+
+    def __iter__(self):
+        """-> (buffer, bytes read from disk) per run, in order."""
+        for k in range(len(self.spans)):
+            if self.pool is None or k == 0:
+                n = self._read(k)
+                if k == 0 and self.pool is not None:
+                    self.futures = [self.pool.submit(self._read, j) for j in range(1, len(self.spans))]
+            else:
+                n = self.futures[k - 1].result()
+            yield self.spans[k][1], n
+
+    def close(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        for f in self.futures:
+            if not f.cancelled():
+                f.exception()  # waits; an error of a read nobody waits for is not raised again
 
 
 def _task_buffer(n: int) -> np.ndarray:
@@ -58,9 +110,7 @@ def _task_buffer(n: int) -> np.ndarray:
     per read costs a page fault per 4 KiB, a quarter of a backup's kernel time. A source fills
     every byte it is asked for (Disk.read_into), so the buffer is never cleared."""
     if len(_BUF[0]) < n:
-        raw = np.empty(n + 4096, dtype=np.uint8)
-        skip = -raw.ctypes.data % 4096
-        _BUF[0] = raw[skip:skip + n]
+        _BUF[0] = dio.allocate(n)
     return _BUF[0][:n]
 
 
@@ -110,35 +160,36 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
             disk.prefetch(off, n)
     bi = -1  # position in `todo`
     whole = _task_buffer(sum(min(c * block_size, disk.size - f * block_size) for f, c in runs))
-    at = 0
-    for first, count in runs:
-        off = first * block_size
-        length = min(count * block_size, disk.size - off)
-        t0 = time.perf_counter()
-        buf = whole[at:at + length]
-        at += length
-        read_bytes += disk.read_into(buf, off)
-        t1 = time.perf_counter()
-        t_read += t1 - t0
-        for k in range(count):
-            bi += 1
-            b = buf[k * block_size:(k + 1) * block_size]
-            if not len(b) or is_zero(b):
-                zero += 1
-                continue
-            h = codec.hash(b)
-            out_blocks.append(first + k)
-            out_hashes.append(h)
-            out_bases.append(b"")
-            out_deltas.append(b"")
-            out_grains.append(0)
-            if prev is not None and h32(prev[todo[bi]]) == h:
-                hits += 1
-                continue
-            cand_h.append(h)
-            cand_buf.append(b)
-            cand_patch.append(False)
-        t_hash += time.perf_counter() - t1
+    reader = _Pieces(disk, runs, block_size, whole)
+    try:
+        reads = iter(reader)
+        for first, count in runs:
+            t0 = time.perf_counter()
+            buf, n = next(reads)
+            read_bytes += n
+            t1 = time.perf_counter()
+            t_read += t1 - t0
+            for k in range(count):
+                bi += 1
+                b = buf[k * block_size:(k + 1) * block_size]
+                if not len(b) or is_zero(b):
+                    zero += 1
+                    continue
+                h = codec.hash(b)
+                out_blocks.append(first + k)
+                out_hashes.append(h)
+                out_bases.append(b"")
+                out_deltas.append(b"")
+                out_grains.append(0)
+                if prev is not None and h32(prev[todo[bi]]) == h:
+                    hits += 1
+                    continue
+                cand_h.append(h)
+                cand_buf.append(b)
+                cand_patch.append(False)
+            t_hash += time.perf_counter() - t1
+    finally:
+        reader.close()
     for i, pieces in pruns:
         t0 = time.perf_counter()
         buf = np.zeros(sum(n for _, n in pieces), dtype=np.uint8)
@@ -642,8 +693,13 @@ def run_backup(store_url: str, jobs: list[tuple], parallel: int = 1, full: bool 
         lock.release()
 
 
+def index_shards(cpus: int, asked: int | None = None) -> int:
+    """How many index shard actors a backup starts on a cluster of `cpus` CPUs."""
+    return asked or max(1, min(4, cpus // 2))
+
+
 def _run_backup(store_url, jobs, parallel, full, index_actors, on_progress, here, on_vm, cbt, cpus, lock, pool=None):
-    n_shards = index_actors or max(1, min(4, cpus // 2))
+    n_shards = index_shards(cpus, index_actors)
     if pool is not None:  # `alike server`: warm shards, reloaded now that we are registered
         index = pool.take_index(store_url, n_shards, here)
     else:  # the shards load while the snapshot actors start; their first call waits for them

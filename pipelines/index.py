@@ -51,9 +51,14 @@ def load_segments(store: Store, keys: list[str], index: CompactIndex) -> list[st
 
 @ray.remote(num_cpus=0)
 class IndexShard:
-    def __init__(self, store_url: str, shards: list[int]):
+    def __init__(self, store_url: str | None, shards: list[int]):
+        """`store_url` None: an empty shard, started ahead for whichever store comes (`alike
+        server`); reload() gives it a store."""
         self.shards = shards
-        self.reload(store_url)
+        if store_url is None:
+            self.clear()
+        else:
+            self.reload(store_url)
 
     def reload(self, store_url: str) -> int:
         """Forget everything and load the shards' segments afresh (a warm shard of `alike server`

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from storage.errors import DamagedData, ObjectMissing, RestoreTargetFull, StoreError
-from storage import patch
+from storage import dio, patch
 from storage.index import h32
 from storage.locks import store_lock
 from storage.store import Store
@@ -35,28 +35,20 @@ GAP = 1 << 20          # read through gaps up to this size rather than make anot
 SPAN = 16 << 20        # at most this much per read
 FETCHERS = 4           # reads in flight per task (S3 latency hides behind the others)
 WRITE_RUN = 8 << 20    # consecutive blocks are written together, up to this much per write
-DIO_ALIGN = 4096       # what O_DIRECT asks of addresses, offsets and lengths
 _WBUF = [np.zeros(0, np.uint8)]
 
 
 def _write_buffer(n: int) -> np.ndarray:
     """This worker's aligned write buffer, at least n bytes (kept from task to task)."""
     if len(_WBUF[0]) < n:
-        raw = np.empty(max(n, WRITE_RUN + (4 << 20)) + DIO_ALIGN, dtype=np.uint8)
-        skip = -raw.ctypes.data % DIO_ALIGN
-        _WBUF[0] = raw[skip:skip + len(raw) - DIO_ALIGN]
+        _WBUF[0] = dio.allocate(dio.round_up(max(n, WRITE_RUN + (4 << 20))))
     return _WBUF[0]
 
 
 def _open_direct(path: str):
     """An O_DIRECT descriptor on the restore target, or None (tmpfs and others refuse it, and
     $ALIKE_DIRECT_IO=0 turns it off)."""
-    if os.environ.get("ALIKE_DIRECT_IO", "1") == "0" or not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return None
+    return dio.open_direct(path, os.O_WRONLY)
 
 
 def _spans(packs, offs, lens):
@@ -141,7 +133,7 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
             dfds[disk] = _open_direct(paths[disk])
         off = first * bs
         dfd = dfds.get(disk)
-        if dfd is not None and not n % DIO_ALIGN:
+        if dfd is not None and not n % dio.ALIGN:
             # a direct write from one aligned buffer: no page-cache copy, no write-back flood at
             # the end (buffered writes of a restore cost ~2 s of kernel CPU per GB here)
             buf = _write_buffer(n)

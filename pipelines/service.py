@@ -62,18 +62,27 @@ class WarmPool:
         self.counts = dict(actors_started=0, actors_reused=0, indexes_started=0, indexes_reused=0)
 
     # -- start-up ------------------------------------------------------------------------------
-    def prewarm(self, scheduling_strategy=None, actors: int = 1, modules: tuple[str, ...] = ()) -> None:
-        """Start `actors` snapshot actors and one read-task worker per CPU, and wait for them;
-        the workers import `modules` (the sources' modules) beforehand."""
+    def prewarm(self, scheduling_strategy=None, actors: int = 1, modules: tuple[str, ...] = (),
+                index_shards: int = 0) -> None:
+        """Start `actors` snapshot actors, one read-task worker per CPU and, when `index_shards`,
+        a set of that many empty index shards for the first backup of whichever store comes
+        (it reloads them with its store's segments), and wait for them; the workers import
+        `modules` (the sources' modules) beforehand."""
         from .backup import SnapshotActor
         from .cluster import cluster_cpus
+        from .index import IndexClient
 
         opts = {"scheduling_strategy": scheduling_strategy} if scheduling_strategy else {}
         new = [SnapshotActor.options(**opts).remote() for _ in range(actors)]
-        ray.get([a.warm.remote() for a in new] + [_warm_task.remote(tuple(modules)) for _ in range(cluster_cpus())])
+        index = IndexClient.start(None, index_shards, scheduling_strategy, wait=False) if index_shards else None
+        ray.get([a.warm.remote() for a in new] + [_warm_task.remote(tuple(modules)) for _ in range(cluster_cpus())]
+                + ([a.ready.remote() for a in index.actors] if index else []))
         with self.lock:
             self.actors += new
             self.counts["actors_started"] += len(new)
+            if index is not None:
+                self.indexes.setdefault((None, len(index.actors)), []).append(index)
+                self.counts["indexes_started"] += 1
 
     # -- snapshot actors -----------------------------------------------------------------------
     def take_actor(self, scheduling_strategy, store_url, index, in_flight, lock_key):
@@ -135,7 +144,8 @@ class WarmPool:
     def stats(self) -> dict:
         with self.lock:
             return dict(self.counts, idle_actors=len(self.actors),
-                        idle_indexes={f"{u} ({n} shards)": len(v) for (u, n), v in self.indexes.items() if v})
+                        idle_indexes={f"{u or 'any store'} ({n} shards)": len(v)
+                                      for (u, n), v in self.indexes.items() if v})
 
     def shutdown(self) -> None:
         with self.lock:

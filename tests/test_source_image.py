@@ -128,3 +128,57 @@ def test_inventory_warns_of_a_cut_short_image(tmp_path):
     [note] = vm["notes"]
     assert "looks cut short" in note and vm["disks"] == [{"name": "office.raw", "size": 12 * MiB}]
     assert p.stderr.splitlines() == [f"alike: warning: office: {note}"]
+
+
+def test_a_task_reads_pieces_ahead_in_threads(tmp_path):
+    """A read task reads an image's pieces with reader threads (MappedDisk.parallel_reads): every
+    piece comes back in order with the file's bytes (zeros in holes), and a read that fails
+    raises the source's error in the task, with no read left running on the worker's buffer."""
+    import numpy as np
+
+    from alike_ray.sources.base import SourceError
+    from alike_ray.sources.image import MappedDisk
+    from pipelines.backup import READ_BYTES, _Pieces, _runs, _task_buffer
+
+    bs = 512 * 1024
+    path = str(tmp_path / "d.raw")
+    size = 40 * bs
+    data = np.frombuffer(os.urandom(size), np.uint8).copy()
+    data[8 * bs:12 * bs] = 0  # a hole
+    with open(path, "wb") as f:
+        f.write(data[:8 * bs].tobytes())
+        f.seek(12 * bs)
+        f.write(data[12 * bs:].tobytes())
+    disk = MappedDisk("d", path, size, [(0, 8 * bs, 0), (12 * bs, 28 * bs, 12 * bs)], None)
+    assert disk.parallel_reads > 1
+    blocks = np.array([b for b in range(40) if b != 20], np.int64)
+    step = READ_BYTES // bs
+    runs = [(f, min(step, s + c - f)) for s, c in _runs(blocks) for f in range(s, s + c, step)]
+    whole = _task_buffer(sum(c for _, c in runs) * bs)
+    reader = _Pieces(disk, runs, bs, whole)
+    assert reader.pool is not None
+    got = []
+    try:
+        for (first, count), (buf, n) in zip(runs, reader):
+            assert np.array_equal(buf, data[first * bs:(first + count) * bs]), first
+            got.append(first)
+    finally:
+        reader.close()
+    assert got == [f for f, _ in runs]
+
+    class Failing(MappedDisk):
+        def read_into(self, buf, offset):
+            if offset >= 30 * bs:
+                raise SourceError(f"cannot read {self.path} at offset {offset}: Input/output error")
+            return super().read_into(buf, offset)
+
+    bad = Failing("d", path, size, [(0, size, 0)], None)
+    runs = [(f, min(step, 40 - f)) for f in range(0, 40, step)]
+    reader = _Pieces(bad, runs, bs, _task_buffer(40 * bs))
+    with pytest.raises(SourceError, match="Input/output error"):
+        try:
+            for _ in reader:
+                pass
+        finally:
+            reader.close()
+    assert all(f.done() for f in reader.futures)

@@ -105,6 +105,9 @@ class Disk(abc.ABC):
     node_id: str | None = None
     cbt_marker: str | None = None
     cbt_note: str | None = None
+    # how many read_into calls on it one read task may make at once, from threads (>1 only for a
+    # disk whose reads share no state but descriptors: image files); $ALIKE_READ_THREADS overrides
+    parallel_reads: int = 1
 
     def allocated_extents(self) -> list[tuple[int, int]]:
         """Default: the whole disk may hold data."""

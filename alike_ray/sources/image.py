@@ -26,6 +26,8 @@ import tempfile
 
 import numpy as np
 
+from storage import dio
+
 from .base import Disk, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 
@@ -57,15 +59,13 @@ def _raw_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-DIO_ALIGN = 4096  # what O_DIRECT asks of buffer addresses, offsets and lengths (any device's sector)
-
-
-def _address(mv: memoryview) -> int:
-    return np.frombuffer(mv, dtype=np.uint8).ctypes.data if len(mv) else 0
-
-
 class MappedDisk(Disk):
-    """A disk whose guest bytes live in one host file, by a mapping of extents."""
+    """A disk whose guest bytes live in one host file, by a mapping of extents. Reads are
+    positional (pread) on descriptors opened once: threads may read at once, and a disk answers
+    faster with more than one read in flight (measured: one stream of O_DIRECT reads gets a third
+    of what four get)."""
+
+    parallel_reads = 2
 
     def __init__(self, name: str, path: str, size: int, extents: list[tuple[int, int, int]],
                  node_id: str | None):
@@ -88,26 +88,24 @@ class MappedDisk(Disk):
         """The O_DIRECT descriptor, or False (not supported by the file system, or turned off)."""
         if self._dio is None:
             self._dio = False
-            if os.environ.get("ALIKE_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT"):
-                try:
-                    self._dio = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-                except OSError:  # tmpfs and some FUSE file systems refuse it
-                    pass
+            fd = dio.open_direct(self.path, os.O_RDONLY)  # tmpfs and some FUSE file systems refuse it
+            if fd is not None:
+                self._dio = fd
         return self._dio
 
     def _pread(self, fd, mv, at: int) -> int:
         """Read len(mv) bytes at host offset `at`: directly when aligned, else buffered."""
-        dio = self._direct() if self._dio is not False else False
-        if dio is not False and not (at | len(mv)) % DIO_ALIGN and not _address(mv) % DIO_ALIGN:
+        dfd = self._direct() if self._dio is not False else False
+        if dfd is not False and not at % dio.ALIGN and dio.aligned(mv):
             try:
-                n = os.preadv(dio, [mv], at)
+                n = os.preadv(dfd, [mv], at)
                 if n == len(mv):
                     return n
                 return n + os.preadv(fd, [mv[n:]], at + n)  # the end of the file: buffered
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
-                os.close(dio)  # a device or file system with other alignment rules
+                os.close(dfd)  # a device or file system with other alignment rules
                 self._dio = False
         return os.preadv(fd, [mv], at)
 
