@@ -51,6 +51,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402,F401  (a command runs in its own process unless sent to a server)
+import floor  # noqa: E402
 import corpus  # noqa: E402
 
 LOCAL_STEPS = ["first", "vm2", "day2", "restore"]
@@ -865,7 +866,7 @@ def report(med: dict, meta: dict, results: list) -> str:
         q = a["stored_bytes"] / r["stored_bytes"]
         n = len([s for s in ("first", "vm2", "day2") if s in present])
         L.append(f"| stored after {n} backups: alike <= restic | {fmt_bytes(a['stored_bytes'])} vs "
-                 f"{fmt_bytes(r['stored_bytes'])} ({q:.2f}) | {'yes' if q <= 1 else 'NO'} | - |")
+                 f"{fmt_bytes(r['stored_bytes'])} ({q:.2f}) | {'yes' if q <= 1 else 'NO'} | - | - |")
     L.append("")
     inner = own_seconds(results, (A, "alike (cold)"))
     if inner:
@@ -966,7 +967,7 @@ def report_large(med: dict, meta: dict, results: list, skipped: list) -> str:
     if meta.get("note"):
         L.append(f"- {meta['note']}")
     L.append("")
-    tools = [t for t in [A, "restic", "borg"] if any(k[0] == t for k in med)]
+    tools = [t for t in [A, "restic", "borg", "floor"] if any(k[0] == t for k in med)]
     lims = limits_by_step(results, A, lim)
     for st in present:
         L.append(f"## {titles[st]}\n")
@@ -994,14 +995,18 @@ def report_large(med: dict, meta: dict, results: list, skipped: list) -> str:
     L.append("**at the limit**: the ratio alike would reach at 100% of its compute limit (peer's median seconds / "
              "alike's median limit seconds): where it is below the target, the target is out of reach on this machine "
              "with this data, whatever the software does.\n")
-    L.append("| target | measured | ok | at the limit |")
-    L.append("|---|---:|:---:|---:|")
+    L.append("**at the floor**: the ratio of a tool that took as long as bench/floor.py in the same runs "
+             "(the least work of a first backup on all the data, read + BLAKE3 + zstd -3 + direct writes, on "
+             f"{meta['ray_cpus']} processes with no index and no coordination; peer's median seconds / the floor's median "
+             "seconds): where it is below the target, the target is out of reach on this machine, measured.\n")
+    L.append("| target | measured | ok | at the limit | at the floor |")
+    L.append("|---|---:|:---:|---:|---:|")
     what = {"first": "first backup", "day2": "day-later backup (full re-read)", "restore": "restore to a file",
             "s3-restore": "restore from S3", "s3-vault": "vault to S3 (restic: its copy)"}
     for st, peer, need in LARGE_TARGETS:
         a, p = med.get((A, st)), med.get((peer, st))
         if not (a and p):
-            L.append(f"| {what[st]}: alike >= {need:g}x {peer} | not measured | - | - |")
+            L.append(f"| {what[st]}: alike >= {need:g}x {peer} | not measured | - | - | - |")
             continue
         r = p["seconds"] / a["seconds"]
         per = ", ".join(f"{x:.2f}" for x in run_ratios(results, st, A, peer))
@@ -1010,7 +1015,13 @@ def report_large(med: dict, meta: dict, results: list, skipped: list) -> str:
         if xs:
             b = p["seconds"] / statistics.median(x for _, x, _ in xs)
             best = f"{b:.2f}x" + (" (out of reach)" if b < need else "")
-        L.append(f"| {what[st]}: alike >= {need:g}x {peer} | {r:.2f}x ({per}) | {'yes' if r >= need else 'NO'} | {best} |")
+        fl = med.get(("floor", st))
+        flo = "-"
+        if fl:
+            f = p["seconds"] / fl["seconds"]
+            flo = f"{f:.2f}x" + (" (out of reach)" if f < need else "")
+        L.append(f"| {what[st]}: alike >= {need:g}x {peer} | {r:.2f}x ({per}) | {'yes' if r >= need else 'NO'} | {best} "
+                 f"| {flo} |")
     for st in present:
         xs = lims.get(st)
         if not xs:
@@ -1018,12 +1029,12 @@ def report_large(med: dict, meta: dict, results: list, skipped: list) -> str:
         q = statistics.median(x for _, x, _ in xs) / med[(A, st)]["seconds"]
         per = ", ".join(f"{100 * x / sec:.0f}%" for _, x, sec in sorted(xs))
         L.append(f"| {what.get(st, st)}: alike >= {100 * LIMIT_TARGET:.0f}% of its compute limit | {100 * q:.0f}% "
-                 f"({per}) | {'yes' if q >= LIMIT_TARGET else 'NO'} | - |")
+                 f"({per}) | {'yes' if q >= LIMIT_TARGET else 'NO'} | - | - |")
     a, r = med.get((A, "day2")), med.get(("restic", "day2"))
     if a and r:
         q = a["stored_bytes"] / r["stored_bytes"]
         L.append(f"| stored after the day-later backup: alike <= restic | {fmt_bytes(a['stored_bytes'])} vs "
-                 f"{fmt_bytes(r['stored_bytes'])} ({q:.2f}) | {'yes' if q <= 1 else 'NO'} | - |")
+                 f"{fmt_bytes(r['stored_bytes'])} ({q:.2f}) | {'yes' if q <= 1 else 'NO'} | - | - |")
     L.append("")
     facts = []
     for st in ("first", "day2", "restore", "s3-restore"):
@@ -1225,6 +1236,16 @@ def main(argv=None):
         for run_no in range(1, a.runs + 1):
             load.label = f"run {run_no}"
             order = tools[(run_no - 1) % len(tools):] + tools[:(run_no - 1) % len(tools)]  # rotate: spread noise
+            if a.large:  # the floor of a first backup (bench/floor.py), in this run, before the tools
+                drop_caches(drop)
+                fl = floor.measure(images["vm1"], a.ray_cpus, os.path.join(a.work, "runs", "floor-out"))
+                results.append(dict(run=run_no, tool="floor", step="first", seconds=fl.pop("seconds"),
+                                    logical_bytes=logical["vm1"], basis_bytes=logical["vm1"],
+                                    stored_bytes=fl["stored_bytes"], floor=fl,
+                                    mb_s=round(logical["vm1"] / 1e6 / max(fl["cpu_seconds"], 1e-9), 1)))
+                results[-1]["mb_s"] = round(logical["vm1"] / 1e6 / results[-1]["seconds"], 1)
+                log(f"run {run_no} floor        first    {results[-1]['seconds']:8.2f} s ({fl['cpu_seconds']:.1f} s CPU "
+                    f"on {fl['procs']} processes)")
             with (S3Server(os.path.join(a.work, "moto.log")) if a.s3 else contextlib.nullcontext()) as s3:
                 for name in order:
                     steps = all_steps if (s3 and name in S3_TOOLS) else local_steps
