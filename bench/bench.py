@@ -362,21 +362,7 @@ def allocated_blocks(path: str, bs: int):
     """Block numbers (of size bs) that hold allocated data of a sparse file (SEEK_DATA/SEEK_HOLE)."""
     import numpy as np
 
-    size = os.path.getsize(path)
-    ranges = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            ranges.append((start // bs, (end - 1) // bs + 1))
-            pos = end
-    finally:
-        os.close(fd)
+    ranges = [(start // bs, (end - 1) // bs + 1) for start, end in floor.extents(path)]
     if not ranges:
         return np.zeros(0, np.int64)
     return np.unique(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]))
