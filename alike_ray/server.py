@@ -490,13 +490,12 @@ class Server:
     def serve(self) -> int:
         import socketserver
 
-        from pipelines.cluster import connect, local_node_id, pin_here
+        from pipelines.cluster import connect, forwarded_env, local_node_id, pin_here
         from pipelines.service import WarmPool, install
 
         self.err = sys.stderr
         self._claim_socket()
-        env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG", "ALIKE_PACK_TARGET")
-               if k in os.environ}
+        env = forwarded_env()
         connect(self.address, env or None, terminal=True)  # Ray's own lines: in its session logs
         self.err = sys.stderr  # (connect gave Python a stream of its own to our log or terminal)
         self.pool = WarmPool()

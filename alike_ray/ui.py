@@ -124,8 +124,8 @@ def _h(n) -> str:
 
 
 def _connect(args) -> None:
-    from pipelines.cluster import connect
+    from pipelines.cluster import connect, forwarded_env
 
-    env = {k: os.environ[k] for k in ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG", "ALIKE_PACK_TARGET") if k in os.environ}
+    env = forwarded_env()
     connect(getattr(args, "address", None), env or None, terminal=True)  # Ray's own lines kept off the user's terminal
     work_starts(args)

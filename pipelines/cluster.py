@@ -12,6 +12,15 @@ import warnings
 from storage.errors import StoreError
 
 
+FORWARDED = ("ALIKE_CRASH_AT", "ALIKE_CRASH_FLAG", "ALIKE_DEBUG", "ALIKE_PACK_TARGET", "AWS_MAX_ATTEMPTS")
+
+
+def forwarded_env() -> dict:
+    """The settings of this command that its Ray tasks and actors must see too (Ray's workers
+    run with the environment of `ray start`): passed as the job's runtime_env."""
+    return {k: os.environ[k] for k in FORWARDED if k in os.environ}
+
+
 def connect(address: str | None = None, env: dict | None = None, terminal: bool = False) -> None:
     """Join the cluster at `address` (HOST:PORT, `auto`, or $RAY_ADDRESS), else start a local
     instance. Ray's own output (its C++ log lines, its Python logging, workers' prints) stays

@@ -52,6 +52,14 @@ class Backend(abc.ABC):
         """A filesystem path for `key` when the backend is a directory, else None."""
         return None
 
+    def hasty(self) -> "Backend":
+        """This store for clean-up that may fail without harm (removing a lock or a VM claim
+        at the end of a run): a backend that retries little and waits little, where the
+        backend's own retries are long. A lock it fails to remove is broken as stale later
+        (storage/locks.py), so a store that died under a run does not also hold up its end
+        with minutes of retries."""
+        return self
+
 
 def store_spec(url: str, endpoint: str | None = None, profile: str | None = None):
     """What names a store, picklable and free of secrets: a path, or a dict for S3 with its

@@ -127,8 +127,8 @@ class Lock:
         if self._thread:
             self._thread.join(timeout=5)
         try:
-            self.backend.delete(self.key)
-        except Exception:
+            self.backend.hasty().delete(self.key)
+        except Exception:  # left behind: broken as stale (at once on this host, its process gone)
             pass
 
     def __enter__(self):
@@ -296,6 +296,7 @@ def claim_vms(backend, lock: "Lock", vms: list[str], settle: float = 3.0) -> VMC
 
 
 def release_vms(backend, lock: "Lock", vms: list[str]) -> None:
+    backend = backend.hasty()
     for vm in vms:
         try:
             backend.delete(_claim_key(lock.id, vm))

@@ -18,17 +18,33 @@ store, never a key.
 from __future__ import annotations
 
 import io
+import os
 from typing import Iterator
 
 from .backend import Backend
 from .errors import ObjectMissing, StoreError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+RETRIES = 5  # botocore's retries of a request after its first try (standard mode, backoff up to 20 s)
 BODY_ATTEMPTS = 5  # botocore retries a request, not the reading of its streamed body: we do
 
 
 class S3Error(StoreError):
     """{detail}"""
+
+
+def _attempts() -> int:
+    """Tries of one request: $AWS_MAX_ATTEMPTS (botocore's own setting, total tries) or 1 + RETRIES."""
+    v = os.environ.get("AWS_MAX_ATTEMPTS")
+    if v is None:
+        return 1 + RETRIES
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise S3Error(f"AWS_MAX_ATTEMPTS={v!r} is not a number of tries: set it to 1 or more, or unset it")
+    return n
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -42,18 +58,27 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 class S3Backend(Backend):
     def __init__(self, url: str, endpoint: str | None = None, profile: str | None = None,
-                 max_connections: int = 16):
+                 max_connections: int = 16, attempts: int | None = None):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
         self.endpoint = endpoint
         self.profile = profile
         self.max_connections = max_connections
+        self.attempts = attempts  # total tries of a request (None: 1 + RETRIES)
         self._client = None
+        self._hasty = None
 
     def __getstate__(self):
         s = dict(self.__dict__)
         s["_client"] = None  # a client holds credentials and sockets: each process makes its own
+        s["_hasty"] = None
         return s
+
+    def hasty(self) -> "S3Backend":
+        """Two tries, the second within a second, and short timeouts (see Backend.hasty)."""
+        if self._hasty is None:
+            self._hasty = S3Backend(self.url, self.endpoint, self.profile, max_connections=2, attempts=2)
+        return self._hasty
 
     @property
     def client(self):
@@ -65,8 +90,10 @@ class S3Backend(Backend):
                 session = boto3.session.Session(profile_name=self.profile)
             except Exception as e:  # ProfileNotFound...
                 raise S3Error(f"cannot use AWS profile {self.profile!r} for {self.url}: {type(e).__name__}") from None
-            cfg = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=self.max_connections,
-                         connect_timeout=10, read_timeout=60,
+            quick = self.attempts is not None
+            retries = {"mode": "standard", "total_max_attempts": self.attempts if quick else _attempts()}
+            cfg = Config(retries=retries, max_pool_connections=self.max_connections,
+                         connect_timeout=3 if quick else 10, read_timeout=10 if quick else 60,
                          request_checksum_calculation="when_supported",
                          response_checksum_validation="when_supported")
             self._client = session.client("s3", endpoint_url=self.endpoint, config=cfg)

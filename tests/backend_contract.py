@@ -52,6 +52,15 @@ class BackendContract:
         assert not backend.exists("d")
         assert "d" not in list(backend.list(""))
 
+    def test_hasty_view_is_the_same_store(self, backend):
+        h = backend.hasty()
+        backend.put("locks/x.json", b"lk")
+        assert h.get("locks/x.json") == b"lk"
+        h.delete("locks/x.json")
+        h.delete("locks/x.json")
+        assert not backend.exists("locks/x.json")
+        assert backend.hasty() is h  # made once per backend
+
     def test_stat_all_sizes_and_times(self, backend):
         import time
 
