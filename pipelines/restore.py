@@ -141,20 +141,13 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
             for b in run:
                 buf[pos:pos + len(b)] = np.frombuffer(b, np.uint8)
                 pos += len(b)
-            view = memoryview(buf[:n])
-            try:
-                while view:
-                    k = os.pwrite(dfd, view, off)
-                    off += k
-                    view = view[k:]
-                run.clear()
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                os.close(dfd)  # alignment rules of another device: buffered from here on
+            done = dio.pwrite_all(dfd, buf[:n], off)
+            run.clear()
+            if done < n:  # alignment rules of another device: buffered from here on
+                os.close(dfd)
                 dfds[disk] = None
-                off = first * bs + (n - len(view))
-                run[:] = [view]
+                run.append(memoryview(buf[done:n]))
+            off += done
         while run:  # pwritev may write less than asked (a signal, a full disk raises instead)
             k = os.pwritev(fd, run, off)
             off += k

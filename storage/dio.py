@@ -13,6 +13,7 @@ I/O; $ALIKE_DIRECT_IO=0 turns direct I/O off everywhere.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -83,6 +84,26 @@ class BufferPool:
 WRITE_BUFFERS = BufferPool()
 
 
+def pwrite_all(fd: int, view, off: int) -> int:
+    """Write all of `view` at `off` of the O_DIRECT descriptor `fd`, again after a short write.
+    -> the bytes written: all of them, or fewer where the device refused an aligned write
+    (EINVAL: alignment rules of its own; the caller writes the rest buffered). A write of
+    nothing is a full device; other errors are raised."""
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            w = os.pwrite(fd, view[done:], off + done)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return done
+            raise
+        if w <= 0:
+            raise OSError(errno.ENOSPC, "short write")
+        done += w
+    return done
+
+
 def write_file(fd: int, path: str, data) -> bool:
     """Write `data` at the start of the new, empty file `fd` (opened at `path`) with direct I/O:
     through an aligned buffer, its tail padded with zeros and cut off again by ftruncate. ->
@@ -93,23 +114,16 @@ def write_file(fd: int, path: str, data) -> bool:
     dfd = open_direct(path, os.O_WRONLY)
     if dfd is None:
         return False
-    buf = WRITE_BUFFERS.take(round_up(n))
+    m = round_up(n)
+    buf = WRITE_BUFFERS.take(m)
     try:
-        m = round_up(n)
         buf[:n] = np.frombuffer(view, dtype=np.uint8)
         buf[n:m] = 0
-        out = memoryview(buf[:m])
-        done = 0
-        while done < m:
-            try:
-                w = os.pwrite(dfd, out[done:], done)
-            except OSError as err:
-                if done == 0 and err.errno == 22:  # EINVAL: other alignment rules here
-                    return False
-                raise
-            if w <= 0:
-                raise OSError(28, "short write")
-            done += w
+        done = pwrite_all(dfd, buf[:m], 0)
+        if done < m:
+            if done == 0:
+                return False
+            raise OSError(errno.EINVAL, f"direct write refused after {done} bytes")
         if m != n:
             os.ftruncate(fd, n)
         return True

@@ -182,3 +182,64 @@ def test_a_task_reads_pieces_ahead_in_threads(tmp_path):
         finally:
             reader.close()
     assert all(f.done() for f in reader.futures)
+
+
+def test_direct_reads_refused_midway_go_on_buffered(tmp_path, monkeypatch):
+    """A file system that refuses a direct read (EINVAL: alignment rules of its own) while
+    reader threads share the disk: every read still returns the file's bytes, later reads are
+    buffered, and the direct descriptor is not closed under the threads that may be using it
+    (its number could go to another file)."""
+    import errno
+    import threading
+
+    import numpy as np
+
+    from alike_ray.sources.image import MappedDisk
+    from storage import dio
+
+    monkeypatch.setenv("ALIKE_DIRECT_IO", "1")
+    if not dio.enabled():
+        pytest.skip("no O_DIRECT here")
+    bs = 256 * 1024
+    path = str(tmp_path / "d.raw")
+    data = np.frombuffer(os.urandom(32 * bs), np.uint8)
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
+    disk = MappedDisk("d", path, len(data), [(0, len(data), 0)], None)
+    dfd = disk._direct()
+    if dfd is False:
+        pytest.skip("this file system refuses O_DIRECT")
+    real, refused = os.preadv, []
+
+    def preadv(fd, bufs, at):
+        if fd == dfd and at >= 8 * bs:
+            refused.append(at)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, at)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    errors, bufs = [], {}
+
+    def read(i):
+        try:
+            buf = dio.allocate(bs)
+            disk.read_into(buf, i * bs)
+            bufs[i] = buf
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(np.array_equal(bufs[i], data[i * bs:(i + 1) * bs]) for i in range(32))
+    assert refused and disk._dio is False
+    os.fstat(dfd)  # still open: closed only with the disk
+    n = len(refused)
+    disk.read_into(dio.allocate(bs), 20 * bs)
+    assert len(refused) == n  # buffered from then on
+    del disk
+    with pytest.raises(OSError):
+        os.fstat(dfd)

@@ -293,6 +293,49 @@ def test_directory_put_falls_back_where_direct_io_is_refused(monkeypatch, tmp_pa
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_pwrite_all_after_short_writes_and_a_refusal(monkeypatch, tmp_path):
+    """dio.pwrite_all writes on after short writes; where the device refuses an aligned write
+    (EINVAL) part-way it says how much went, so the caller writes the rest buffered; a write of
+    nothing is a full device."""
+    import errno
+
+    from storage import dio
+
+    real = os.pwrite
+    calls = []
+
+    def flaky(fd, view, off):
+        calls.append((off, len(view)))
+        if len(calls) == 3:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, memoryview(view)[:4096], off)  # one page at a time: short writes
+
+    path = tmp_path / "t"
+    data = os.urandom(5 * 4096)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        monkeypatch.setattr(os, "pwrite", flaky)
+        done = dio.pwrite_all(fd, data, 4096)
+        assert done == 2 * 4096 and calls == [(4096, 5 * 4096), (2 * 4096, 4 * 4096), (3 * 4096, 3 * 4096)]
+        os.pwritev(fd, [memoryview(data)[done:]], 4096 + done)  # what restore does with the rest
+        assert os.pread(fd, len(data), 4096) == data
+        monkeypatch.setattr(os, "pwrite", lambda fd, view, off: 0)
+        with pytest.raises(OSError) as e:
+            dio.pwrite_all(fd, data, 0)
+        assert e.value.errno == errno.ENOSPC
+        # a refusal at the first byte: write_file leaves the whole object to the buffered path
+        monkeypatch.setattr(os, "pwrite", lambda fd, view, off: (_ for _ in ()).throw(OSError(errno.EINVAL, "no")))
+        monkeypatch.setenv("ALIKE_DIRECT_IO", "1")
+        g = os.open(tmp_path / "w", os.O_RDWR | os.O_CREAT)
+        try:
+            assert dio.write_file(g, str(tmp_path / "w"), data) is False
+            assert os.path.getsize(tmp_path / "w") == 0
+        finally:
+            os.close(g)
+    finally:
+        os.close(fd)
+
+
 def test_is_zero_looks_past_the_first_bytes():
     z = np.zeros(512 * 1024, np.uint8)
     assert is_zero(z)

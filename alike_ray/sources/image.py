@@ -23,6 +23,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -77,20 +78,34 @@ class MappedDisk(Disk):
         self._guest, self._len, self._host = m[:, 0].copy(), m[:, 1].copy(), m[:, 2].copy()
         self._fd = None
         self._dio = None  # O_DIRECT descriptor: None = not tried yet, False = not possible here
+        self._lock = threading.Lock()  # reader threads share the descriptors: opened once
 
     def __getstate__(self):
         s = dict(self.__dict__)
         s["_fd"] = None
         s["_dio"] = None
+        del s["_lock"]
         return s
+
+    def __setstate__(self, s):
+        self.__dict__.update(s)
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        for fd in (getattr(self, "_fd", None), getattr(self, "_dio", None), getattr(self, "_refused", None)):
+            if type(fd) is int:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _direct(self):
         """The O_DIRECT descriptor, or False (not supported by the file system, or turned off)."""
         if self._dio is None:
-            self._dio = False
-            fd = dio.open_direct(self.path, os.O_RDONLY)  # tmpfs and some FUSE file systems refuse it
-            if fd is not None:
-                self._dio = fd
+            with self._lock:
+                if self._dio is None:
+                    fd = dio.open_direct(self.path, os.O_RDONLY)  # tmpfs and some FUSE file systems refuse it
+                    self._dio = fd if fd is not None else False
         return self._dio
 
     def _pread(self, fd, mv, at: int) -> int:
@@ -105,8 +120,12 @@ class MappedDisk(Disk):
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
-                os.close(dfd)  # a device or file system with other alignment rules
-                self._dio = False
+                # a device or file system with other alignment rules: buffered from now on. The
+                # descriptor stays open until the disk goes (another thread may be reading on it;
+                # closed now, its number could be reused by an open of another file)
+                with self._lock:
+                    if self._dio is not False:
+                        self._refused, self._dio = self._dio, False
         return os.preadv(fd, [mv], at)
 
     def allocated_extents(self):
@@ -114,10 +133,12 @@ class MappedDisk(Disk):
 
     def _open(self):
         if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except OSError as e:
-                raise SourceError(f"cannot open {self.path}: {e.strerror}") from None
+            with self._lock:
+                if self._fd is None:
+                    try:
+                        self._fd = os.open(self.path, os.O_RDONLY)
+                    except OSError as e:
+                        raise SourceError(f"cannot open {self.path}: {e.strerror}") from None
         return self._fd
 
     def read_into(self, buf: np.ndarray, offset: int) -> int:
