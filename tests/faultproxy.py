@@ -185,6 +185,10 @@ class FaultProxy:
     def stop(self) -> None:
         self._stopping.set()
         try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone does not, on Linux)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
