@@ -26,6 +26,7 @@ import json
 import mmap
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import sys
 import time
@@ -197,8 +198,6 @@ def _run(ctx, target, argsets) -> tuple[float, list]:
     ps = [ctx.Process(target=target, args=(*a, q)) for a in argsets]
     for p in ps:
         p.start()
-    import queue
-
     rs = []
     while len(rs) < len(ps):
         try:

@@ -237,6 +237,12 @@ def test_direct_reads_refused_midway_go_on_buffered(tmp_path, monkeypatch):
     assert all(np.array_equal(bufs[i], data[i * bs:(i + 1) * bs]) for i in range(32))
     assert refused and disk._dio is False
     os.fstat(dfd)  # still open: closed only with the disk
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(disk))  # as sent to a Ray task: no descriptor numbers go along
+    assert copy._fd is None and copy._dio is None and copy._refused is None
+    del copy
+    os.fstat(dfd)  # the copy's end closed nothing of the original's
     n = len(refused)
     disk.read_into(dio.allocate(bs), 20 * bs)
     assert len(refused) == n  # buffered from then on

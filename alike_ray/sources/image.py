@@ -78,12 +78,12 @@ class MappedDisk(Disk):
         self._guest, self._len, self._host = m[:, 0].copy(), m[:, 1].copy(), m[:, 2].copy()
         self._fd = None
         self._dio = None  # O_DIRECT descriptor: None = not tried yet, False = not possible here
+        self._refused = None  # an O_DIRECT descriptor the file system refused reads on (closed with the disk)
         self._lock = threading.Lock()  # reader threads share the descriptors: opened once
 
     def __getstate__(self):
         s = dict(self.__dict__)
-        s["_fd"] = None
-        s["_dio"] = None
+        s["_fd"] = s["_dio"] = s["_refused"] = None  # descriptors are this process's own
         del s["_lock"]
         return s
 
@@ -93,6 +93,7 @@ class MappedDisk(Disk):
 
     def __del__(self):
         for fd in (getattr(self, "_fd", None), getattr(self, "_dio", None), getattr(self, "_refused", None)):
+            # (getattr: __init__ may have failed before setting them)
             if type(fd) is int:
                 try:
                     os.close(fd)
