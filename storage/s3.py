@@ -64,32 +64,41 @@ class S3Backend(Backend):
         self.endpoint = endpoint
         self.profile = profile
         self.max_connections = max_connections
-        self.attempts = attempts  # total tries of a request (None: 1 + RETRIES)
+        self.attempts = attempts  # total tries of a request (None: $AWS_MAX_ATTEMPTS or 1 + RETRIES)
         self._client = None
+        self._session = None
         self._hasty = None
 
     def __getstate__(self):
         s = dict(self.__dict__)
         s["_client"] = None  # a client holds credentials and sockets: each process makes its own
-        s["_hasty"] = None
+        s["_session"] = s["_hasty"] = None
         return s
 
     def hasty(self) -> "S3Backend":
         """Two tries, the second within a second, and short timeouts (see Backend.hasty)."""
         if self._hasty is None:
-            self._hasty = S3Backend(self.url, self.endpoint, self.profile, max_connections=2, attempts=2)
+            h = S3Backend(self.url, self.endpoint, self.profile, max_connections=2, attempts=2)
+            h._session = self._get_session()  # a second client of one session costs ~20 ms, of a new one ~200
+            self._hasty = h
         return self._hasty
+
+    def _get_session(self):
+        if self._session is None:
+            import boto3
+
+            try:
+                self._session = boto3.session.Session(profile_name=self.profile)
+            except Exception as e:  # ProfileNotFound...
+                raise S3Error(f"cannot use AWS profile {self.profile!r} for {self.url}: {type(e).__name__}") from None
+        return self._session
 
     @property
     def client(self):
         if self._client is None:
-            import boto3
             from botocore.config import Config
 
-            try:
-                session = boto3.session.Session(profile_name=self.profile)
-            except Exception as e:  # ProfileNotFound...
-                raise S3Error(f"cannot use AWS profile {self.profile!r} for {self.url}: {type(e).__name__}") from None
+            session = self._get_session()
             quick = self.attempts is not None
             retries = {"mode": "standard", "total_max_attempts": self.attempts if quick else _attempts()}
             cfg = Config(retries=retries, max_pool_connections=self.max_connections,
