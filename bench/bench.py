@@ -549,6 +549,8 @@ class Alike(Tool):
 
     def pre_step(self, step):
         self._served0 = self.served_count()
+        if step == "s3-restore" and self.s3 and self.bucket:  # the S3 server's floor for this restore
+            self.s3_floor = s3_get_floor(self.s3, self.bucket, self.s3_prefix, "vm1")
 
     def post_step(self, step, r):
         if self.server:
@@ -1132,6 +1134,82 @@ FLOOR_TEXT = (
     "to its last write (not a bound: what the least work took, reads and writes overlapped by threads).")
 
 
+S3_GET_THREADS = (4, 8)
+
+
+def s3_get_floor(s3: "S3Server", bucket: str, prefix: str, vm: str) -> dict:
+    """The S3 server's share of a restore of vm's latest version from s3://bucket/prefix: the
+    ranges of the packs that the version's blocks are in (planned as alike's restore plans them,
+    untimed), only fetched with ranged GETs and thrown away, the best of S3_GET_THREADS requests
+    in flight. No restore from that server can take less than fetching its bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from pipelines.index import LocalIndex
+    from pipelines.restore import _spans, plan, resolve_version
+    from storage.backend import store_spec
+    from storage.pack import pack_key
+    from storage.store import Store
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    try:
+        spec = store_spec(f"s3://{bucket}/{prefix}", s3.endpoint, None)
+        store = Store.open(spec)
+        _, rows = plan(store, LocalIndex(spec), vm, resolve_version(store, vm, None))
+        key = store.backend._k
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    packs = [rows["pack"].astype(str), rows["off"].astype(np.int64), rows["len"].astype(np.int64)]
+    if "dlen" in rows:  # patched blocks: their deltas too
+        m = rows["dlen"] > 0
+        packs = [np.concatenate([packs[0], rows["dpack"][m].astype(str)]),
+                 np.concatenate([packs[1], rows["doff"][m].astype(np.int64)]),
+                 np.concatenate([packs[2], rows["dlen"][m].astype(np.int64)])]
+    uniq = sorted(set(zip(*(a.tolist() for a in packs))))
+    pk = [u[0] for u in uniq]
+    spans = [(pk[i], start, end) for i, _, start, end in
+             _spans(pk, np.array([u[1] for u in uniq]), np.array([u[2] for u in uniq]))]
+    client = s3.client()
+
+    def get(span):
+        p, start, end = span
+        body = client.get_object(Bucket=bucket, Key=key(pack_key(p)), Range=f"bytes={start}-{end - 1}")["Body"]
+        return len(body.read())
+
+    best = None
+    for threads in S3_GET_THREADS:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(threads) as pool:
+            got = sum(pool.map(get, spans))
+        dt = time.monotonic() - t0
+        if best is None or dt < best["s3_get_seconds"]:
+            best = dict(s3_get_seconds=round(dt, 3), s3_get_threads=threads)
+    best.update(s3_get_bytes=got, s3_get_requests=len(spans), block_bytes=int(sum(u[2] for u in uniq)))
+    return best
+
+
+def add_s3_floor(results: list, run_no: int, got: dict, logical_bytes: int) -> None:
+    """The floor of s3-restore in this run: the restore floor's work (its CPU seconds: the same
+    blocks decompressed, hashed and written), with the S3 server's fetch time (s3_get_floor)."""
+    rest = [r for r in results if r["tool"] == "floor" and r["step"] == "restore" and r["run"] == run_no]
+    f = dict(rest[0]["floor"]) if rest else dict(cpu_seconds=0.0, procs=1)
+    f.pop("disk_seconds", None)
+    f.update(got)
+    sec = max(got["s3_get_seconds"], f.get("work_seconds") or 0.0)
+    f["work_seconds"] = sec
+    results.append(dict(run=run_no, tool="floor", step="s3-restore", seconds=sec, logical_bytes=logical_bytes,
+                        basis_bytes=logical_bytes, stored_bytes=0, floor=f, mb_s=round(logical_bytes / 1e6 / sec, 1)))
+    log(f"run {run_no} floor        s3-restore {sec:8.2f} s (the S3 server's GETs of the version's pack ranges: "
+        f"{got['s3_get_seconds']:.2f} s for {got['s3_get_bytes'] / 1e9:.2f} GB in {got['s3_get_requests']} requests, "
+        f"{got['s3_get_threads']} in flight)")
+
+
 def floor_work(results: list, step: str) -> float:
     """The median of the floor's own seconds for `step`, from first read to last write."""
     return statistics.median(r["floor"].get("work_seconds") or r["seconds"] for r in results
@@ -1143,7 +1221,7 @@ def floor_bound(rec: dict) -> float:
     the same run): its CPU seconds over the cores (the work cannot take fewer), and for a full
     re-read the disk's time to only read the image (it cannot be read faster): the larger."""
     f = rec["floor"]
-    return max(f["cpu_seconds"] / f["procs"], f.get("disk_seconds") or 0.0)
+    return max(f["cpu_seconds"] / f["procs"], f.get("disk_seconds") or 0.0, f.get("s3_get_seconds") or 0.0)
 
 
 def _own_alike_first() -> None:
@@ -1305,6 +1383,8 @@ def main(argv=None):
                                     if s3 and name in S3_TOOLS:
                                         t.use_s3(s3, run_no)
                                     run_tool(t, steps, logical, drop, results, run_no, a.keep, skipped)
+                                    if getattr(t, "s3_floor", None):
+                                        add_s3_floor(results, run_no, t.s3_floor, logical[STEP_IMAGE["s3-restore"]])
                         elif name == "restic":
                             t = Restic(a.work, images, run_no)
                             if s3 and name in S3_TOOLS:
