@@ -35,14 +35,20 @@ GAP = 1 << 20          # read through gaps up to this size rather than make anot
 SPAN = 16 << 20        # at most this much per read
 FETCHERS = 4           # reads in flight per task (S3 latency hides behind the others)
 WRITE_RUN = 8 << 20    # consecutive blocks are written together, up to this much per write
-_WBUF = [np.zeros(0, np.uint8)]
+# CPUs a restore task asks for ($ALIKE_RESTORE_CPUS changes it). One: a task's threads read
+# ahead and write behind while it decodes, so a core needs no second task; and with two per
+# core Ray starts a second worker process per CPU for every restore and stops it after (its
+# idle-worker limit is one per CPU).
+RESTORE_CPUS = float(os.environ.get("ALIKE_RESTORE_CPUS") or 1)
+_WBUF = [np.zeros(0, np.uint8), np.zeros(0, np.uint8)]
 
 
-def _write_buffer(n: int) -> np.ndarray:
-    """This worker's aligned write buffer, at least n bytes (kept from task to task)."""
-    if len(_WBUF[0]) < n:
-        _WBUF[0] = dio.allocate(dio.round_up(max(n, WRITE_RUN + (4 << 20))))
-    return _WBUF[0]
+def _write_buffer(n: int, slot: int = 0) -> np.ndarray:
+    """One of this worker's two aligned write buffers, at least n bytes (kept from task to task):
+    one is filled while the other is written."""
+    if len(_WBUF[slot]) < n:
+        _WBUF[slot] = dio.allocate(dio.round_up(max(n, WRITE_RUN + (4 << 20))))
+    return _WBUF[slot]
 
 
 def _open_direct(path: str):
@@ -86,10 +92,11 @@ def _fetch_deltas(rows: dict, read, pool) -> dict:
     return out
 
 
-@ray.remote(max_retries=2, num_cpus=0.5)
+@ray.remote(max_retries=2, num_cpus=RESTORE_CPUS)
 def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
     """Write the blocks of `rows` (sorted by pack, offset) into the files `paths`: reads run a
-    few at a time, each block is decoded and re-hashed before it is written.
+    few at a time, each block is decoded and re-hashed before it is written, and a thread
+    writes one run of blocks (direct I/O) while the next is decoded.
     -> {"written": bytes, "times": {seconds in this task: "wait" for reads, "decode", "write"}}"""
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +127,24 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
     run_at = [0, 0, 0]  # disk, first block, bytes
 
     dfds = {}  # O_DIRECT descriptors: None where the file system refuses them
+    refused = set()  # disks whose device refused an aligned direct write: buffered from then on
+    writer = ThreadPoolExecutor(1)
+    inflight = [None, None]  # the direct write of each of the two buffers
+    slot = [0]
+
+    def direct_write(disk, dfd, fd, buf, n, off):
+        done = dio.pwrite_all(dfd, buf[:n], off)
+        if done < n:  # alignment rules of another device: the rest, and what follows, buffered
+            refused.add(disk)
+            rest, at = memoryview(buf[done:n]), off + done
+            while len(rest):
+                k = os.pwrite(fd, rest, at)
+                rest, at = rest[k:], at + k
+
+    def wait(i):
+        f, inflight[i] = inflight[i], None
+        if f is not None:
+            f.result()  # its OSError is this task's
 
     def put():
         nonlocal written
@@ -133,21 +158,19 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
             dfds[disk] = _open_direct(paths[disk])
         off = first * bs
         dfd = dfds.get(disk)
-        if dfd is not None and not n % dio.ALIGN:
-            # a direct write from one aligned buffer: no page-cache copy, no write-back flood at
+        if dfd is not None and disk not in refused and not n % dio.ALIGN:
+            # a direct write from an aligned buffer: no page-cache copy, no write-back flood at
             # the end (buffered writes of a restore cost ~2 s of kernel CPU per GB here)
-            buf = _write_buffer(n)
+            i = slot[0]
+            wait(i)  # that buffer's previous write is done
+            buf = _write_buffer(n, i)
             pos = 0
             for b in run:
                 buf[pos:pos + len(b)] = np.frombuffer(b, np.uint8)
                 pos += len(b)
-            done = dio.pwrite_all(dfd, buf[:n], off)
             run.clear()
-            if done < n:  # alignment rules of another device: buffered from here on
-                os.close(dfd)
-                dfds[disk] = None
-                run.append(memoryview(buf[done:n]))
-            off += done
+            inflight[i] = writer.submit(direct_write, disk, dfd, fd, buf, n, off)
+            slot[0] = 1 - i
         while run:  # pwritev may write less than asked (a signal, a full disk raises instead)
             k = os.pwritev(fd, run, off)
             off += k
@@ -192,12 +215,18 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
                     run_at[2] += len(block)
                 times["decode"] += time.perf_counter() - t1
             put()
+            t0 = time.perf_counter()
+            wait(0)
+            wait(1)
+            tail = time.perf_counter() - t0  # the last writes, after the decode loop
     except OSError as e:
         raise _target_error(e, paths[0]) from None
     finally:
+        writer.shutdown(wait=True)  # no write of ours left running on a descriptor closed below
         for fd in list(fds.values()) + [d for d in dfds.values() if d is not None]:
             os.close(fd)
     times["decode"] -= times["write"]  # the writes happened inside the decode loop
+    times["write"] += tail
     times["total"] = time.perf_counter() - t_start
     return {"written": written, "times": times}
 
