@@ -196,6 +196,7 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
                 t1 = time.perf_counter()
                 times["wait"] += t1 - t0
                 last_key, data = None, None
+                data_span = memoryview(data_span)  # a block's bytes are decoded in place, not copied out first
                 for k in range(i, j):
                     key = int(offs[k])
                     if key != last_key:  # rows of one block in several places follow each other
