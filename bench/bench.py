@@ -1143,6 +1143,7 @@ def s3_get_floor(s3: "S3Server", bucket: str, prefix: str, vm: str) -> dict:
     untimed), only fetched with ranged GETs and thrown away, the best of S3_GET_THREADS requests
     in flight. No restore from that server can take less than fetching its bytes."""
     from concurrent.futures import ThreadPoolExecutor
+    from unittest import mock
 
     import numpy as np
 
@@ -1152,19 +1153,11 @@ def s3_get_floor(s3: "S3Server", bucket: str, prefix: str, vm: str) -> dict:
     from storage.pack import pack_key
     from storage.store import Store
 
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    try:
+    with mock.patch.dict(os.environ, S3_ENV):  # the S3 server's keys, for this process only while planning
         spec = store_spec(f"s3://{bucket}/{prefix}", s3.endpoint, None)
         store = Store.open(spec)
         _, rows = plan(store, LocalIndex(spec), vm, resolve_version(store, vm, None))
         key = store.backend._k
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     packs = [rows["pack"].astype(str), rows["off"].astype(np.int64), rows["len"].astype(np.int64)]
     if "dlen" in rows:  # patched blocks: their deltas too
         m = rows["dlen"] > 0

@@ -285,8 +285,9 @@ def restore_work(target: str, k: int, out: str, q) -> None:
         wfull.put((wbuf, run_at, wpos))
     wfull.put(None)
     threads[1].join()
-    if not wfree.empty() and any(isinstance(x, BaseException) for x in list(wfree.queue)):
-        raise next(x for x in list(wfree.queue) if isinstance(x, BaseException))
+    for x in list(wfree.queue):  # a failure of the last writes
+        if isinstance(x, BaseException):
+            raise x
     os.fsync(tfd)
     t1 = time.monotonic()
     os.close(tfd)
