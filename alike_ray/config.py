@@ -32,3 +32,11 @@ def parse_size(text: str) -> int:
     if not m:
         raise InvalidValue(f"size {text!r} is not understood: write it as 512K, 1M or 65536")
     return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2).lower()]
+
+
+def absolute_source(spec: str, base: str | None = None) -> str:
+    """`image:` paths made absolute (from `base`, else the working folder); other sources as they are."""
+    kind, sep, rest = spec.partition(":")
+    if kind != "image" or not sep or not rest:
+        return spec
+    return "image:" + ",".join(os.path.abspath(os.path.join(base, p) if base else p) for p in rest.split(","))

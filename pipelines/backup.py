@@ -117,6 +117,17 @@ def _task_buffer(n: int) -> np.ndarray:
     return _BUF[0][:n]
 
 
+def _batches(todo: np.ndarray, per_task: int, cpus: int):
+    """Split `todo` into read tasks of `per_task` blocks, smaller towards the end (down to a
+    quarter) so that the cores finish together: the last tasks are spread over all of them
+    instead of one core working through a whole task while the others wait."""
+    i, n = 0, len(todo)
+    while i < n:
+        size = min(per_task, max(per_task // 4, -(-(n - i) // (2 * cpus))))
+        yield todo[i:i + size]
+        i += size
+
+
 def _runs(blocks: np.ndarray):
     """Split sorted block numbers into (first, count) runs of consecutive numbers."""
     if not len(blocks):
@@ -454,8 +465,7 @@ class SnapshotActor:
                 from .cluster import pin_here
                 strategy = {"scheduling_strategy": pin_here(disk.node_id)}
             in_flight = max(2, int(self.in_flight / MUNGE_CPUS))
-            for i in range(0, len(todo), per_task):
-                batch = todo[i:i + per_task]
+            for batch in _batches(todo, per_task, max(1, self.in_flight // 2)):
                 if len(refs) >= in_flight:
                     ready, refs = ray.wait(refs, num_returns=1)
                     self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out)

@@ -170,7 +170,7 @@ def add_hypervisor_options(sp) -> None:
 
 
 def _client_args(d: dict) -> None:
-    from ..sources import absolute_source
+    from ..config import absolute_source  # not ..sources: the client of a server imports no numpy
 
     absolute_args(d, stores=("store", "vault_to"), paths=("credentials", "ca_bundle"))
     sources = d.get("sources") or []

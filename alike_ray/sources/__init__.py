@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from ..config import absolute_source  # noqa: F401  (here for the sources' users; it lives where a thin client can import it without numpy)
 from .base import Disk, DiskInfo, Snapshot, Source, SourceError, VMInfo, VMNotFound
 
 
@@ -30,16 +31,6 @@ def open_source(spec: str, **options) -> Source:
         return VmwareSource(rest, **options)
     raise SourceError(f"source kind {kind!r} is not supported: use image:PATH, kvm:LIBVIRT-URI, xen:POOL-URL "
                       "or vmware:VCENTER-URL")
-
-
-def absolute_source(spec: str, base: str | None = None) -> str:
-    """`image:` paths made absolute (from `base`, else the working folder); other sources as they are."""
-    import os
-
-    kind, sep, rest = spec.partition(":")
-    if kind != "image" or not sep or not rest:
-        return spec
-    return "image:" + ",".join(os.path.abspath(os.path.join(base, p) if base else p) for p in rest.split(","))
 
 
 __all__ = ["Disk", "DiskInfo", "Snapshot", "Source", "SourceError", "VMInfo", "VMNotFound", "absolute_source",
