@@ -33,6 +33,7 @@ class RestoreError(StoreError):
 
 GAP = 1 << 20          # read through gaps up to this size rather than make another request
 SPAN = 16 << 20        # at most this much per read
+FIRST_SPAN = 1 << 20   # a task's first read: the decode starts after it, not after SPAN
 FETCHERS = 4           # reads in flight per task (S3 latency hides behind the others)
 WRITE_RUN = 8 << 20    # consecutive blocks are written together, up to this much per write
 # CPUs a restore task asks for ($ALIKE_RESTORE_CPUS changes it). One: a task's threads read
@@ -57,16 +58,19 @@ def _open_direct(path: str):
     return dio.open_direct(path, os.O_WRONLY)
 
 
-def _spans(packs, offs, lens):
-    """Group rows (sorted by pack, offset) into (first row, end row, start, end) reads."""
-    out, i, n = [], 0, len(offs)
+def _spans(packs, offs, lens, first: int = SPAN):
+    """Group rows (sorted by pack, offset) into (first row, end row, start, end) reads: the
+    first at most `first` bytes, each next one up to twice the one before, up to SPAN (a task
+    decodes its first blocks while the bigger reads behind them are still on their way)."""
+    out, i, n, limit = [], 0, len(offs), max(1, min(first, SPAN))
     while i < n:
         j, start, end = i + 1, int(offs[i]), int(offs[i] + lens[i])
-        while j < n and packs[j] == packs[i] and int(offs[j]) - end <= GAP and int(offs[j] + lens[j]) - start <= SPAN:
+        while j < n and packs[j] == packs[i] and int(offs[j]) - end <= GAP and int(offs[j] + lens[j]) - start <= limit:
             end = max(end, int(offs[j] + lens[j]))
             j += 1
         out.append((i, j, start, end))
         i = j
+        limit = min(SPAN, limit * 2)
     return out
 
 
@@ -158,11 +162,13 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
             dfds[disk] = _open_direct(paths[disk])
         off = first * bs
         dfd = dfds.get(disk)
+        i = slot[0]
+        if dfd is not None and not n % dio.ALIGN:
+            wait(i)  # that buffer's previous write is done (and known, if it was refused)
         if dfd is not None and disk not in refused and not n % dio.ALIGN:
             # a direct write from an aligned buffer: no page-cache copy, no write-back flood at
-            # the end (buffered writes of a restore cost ~2 s of kernel CPU per GB here)
-            i = slot[0]
-            wait(i)  # that buffer's previous write is done
+            # the end (buffered writes of a restore cost ~2 s of kernel CPU per GB here). Once a
+            # write is refused, only the one in the other buffer may still try direct I/O.
             buf = _write_buffer(n, i)
             pos = 0
             for b in run:
@@ -186,7 +192,7 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
     try:
         with ThreadPoolExecutor(FETCHERS) as pool:
             stored_deltas = _fetch_deltas(rows, read, pool)
-            spans = pool.map(fetch, _spans(packs, offs, lens))
+            spans = pool.map(fetch, _spans(packs, offs, lens, FIRST_SPAN))
             while True:
                 t0 = time.perf_counter()
                 try:
@@ -378,8 +384,11 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
                 on_progress=None, node_id: str | None = None, index_actors: int = 1,
                 disks: list[int] | None = None) -> dict:
     """Restore the disks `disks` (default all) of a version to the raw sparse files `targets`."""
+    import time
+
     from .cluster import pin_here
 
+    t0 = time.monotonic()
     store = Store.open(store_url)
     version = resolve_version(store, vm, version)
     meta = store.read_version(vm, version)
@@ -410,6 +419,7 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
             with open(tmp, "wb") as f:
                 f.truncate(int(d["size"]))
         total = int(sum(d["size"] for d in chosen))
+        t_plan = time.monotonic()
         # batches of about TASK_BYTES of stored data, never splitting a pack's run of rows
         cum = np.cumsum(rows["len"].astype(np.int64) + rows.get("dlen", np.zeros(1, np.int64)).astype(np.int64))
         refs, start, n = [], 0, len(cum)
@@ -433,6 +443,7 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
                     task_seconds[k] = round(task_seconds.get(k, 0.0) + v, 3)
             if on_progress:
                 on_progress(done, want)
+        t_data = time.monotonic()
         for tmp, t in zip(tmps, targets):
             fd = os.open(tmp, os.O_RDONLY)
             os.fsync(fd)
@@ -440,7 +451,10 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
             os.replace(tmp, t)
         whole = True
         return {"vm": vm, "version": version, "targets": targets, "logical_bytes": total,
-                "written_bytes": done, "blocks": int(len(rows["block"])), "task_seconds": task_seconds}
+                "written_bytes": done, "blocks": int(len(rows["block"])), "task_seconds": task_seconds,
+                # where the time went: plan (versions, manifests, index), data (the tasks), commit (fsync, rename)
+                "phase_seconds": {"plan": round(t_plan - t0, 3), "data": round(t_data - t_plan, 3),
+                                  "commit": round(time.monotonic() - t_data, 3)}}
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, StoreError):

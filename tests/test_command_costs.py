@@ -50,3 +50,22 @@ def test_a_served_backup_client_imports_no_numpy_or_ray(tmp_path):
     assert out["sources"] == [f"image:{base}/a.raw,{base}/b.raw", "image:/abs/c.raw"]
     assert out["store"] == os.path.join(base, "ads")
     assert out["heavy"] == []
+
+
+def test_restore_reads_start_small_then_double():
+    from pipelines.restore import GAP, SPAN, _spans
+
+    n = 400  # 400 blocks of 200 KiB back to back in one pack, then 10 in another
+    lens = np.full(n + 10, 200 << 10, np.int64)
+    offs = np.concatenate([np.arange(n) * (200 << 10), np.arange(10) * (200 << 10)])
+    packs = np.array(["a"] * n + ["b"] * 10)
+    spans = _spans(packs, offs, lens, 1 << 20)
+    sizes = [end - start for _, _, start, end in spans]
+    assert sizes[0] <= 1 << 20 and sizes[1] <= 2 << 20 and sizes[2] <= 4 << 20
+    assert max(sizes) <= SPAN and SPAN - max(sizes) < (200 << 10)  # grown to SPAN
+    assert sizes[:5] == sorted(sizes[:5])
+    # every row read once, in order, a span never crossing packs
+    assert [(i, j) for i, j, _, _ in spans] == list(zip([0] + [s[1] for s in spans[:-1]], [s[1] for s in spans]))
+    assert spans[-1][1] == n + 10 and all(len(set(packs[i:j])) == 1 for i, j, _, _ in spans)
+    # the default (deltas, the S3 floor): whole spans from the start
+    assert _spans(packs, offs, lens)[0][3] - _spans(packs, offs, lens)[0][2] > SPAN - (200 << 10) - GAP

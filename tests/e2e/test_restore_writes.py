@@ -1,7 +1,7 @@
 """A restore task's writes (pipelines.restore.restore_batch, run here in the test's own process
 so that the device's answers can be chosen): a thread writes one run of blocks with direct I/O
 while the next is decoded; where the device refuses an aligned direct write part-way, the rest
-of that run and every later one are written buffered, and the file is the image all the same;
+of that run and every later one (but the one already in the other buffer) are written buffered, and the file is the image all the same;
 a write that fails fails the task with the target named."""
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_writes_behind_and_falls_back_where_direct_writes_are_refused(alike, cor
     assert subprocess.run(["cmp", "-s", target, corpus["web"]]).returncode == 0
     assert res["written"] == len(rows["block"]) * 512 * 1024 - _short_tail(rows, corpus["web"])
     if dio.open_direct(target, os.O_WRONLY) is not None:  # a file system with direct I/O
-        assert len(calls) == 2  # after the refusal, no direct write is tried again
+        # after the refusal, only the write already in the other buffer may try direct I/O
+        assert 2 <= len(calls) <= 3
 
 
 def _short_tail(rows, image) -> int:
