@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 
 import numpy as np
@@ -102,7 +103,6 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
     few at a time, each block is decoded and re-hashed before it is written, and a thread
     writes one run of blocks (direct I/O) while the next is decoded.
     -> {"written": bytes, "times": {seconds in this task: "wait" for reads, "decode", "write"}}"""
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     crash_point("restore-task")
@@ -163,9 +163,10 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
         off = first * bs
         dfd = dfds.get(disk)
         i = slot[0]
-        if dfd is not None and not n % dio.ALIGN:
+        direct = dfd is not None and not n % dio.ALIGN
+        if direct:
             wait(i)  # that buffer's previous write is done (and known, if it was refused)
-        if dfd is not None and disk not in refused and not n % dio.ALIGN:
+        if direct and disk not in refused:
             # a direct write from an aligned buffer: no page-cache copy, no write-back flood at
             # the end (buffered writes of a restore cost ~2 s of kernel CPU per GB here). Once a
             # write is refused, only the one in the other buffer may still try direct I/O.
@@ -384,8 +385,6 @@ def run_restore(store_url: str, vm: str, version: str | None, targets: list[str]
                 on_progress=None, node_id: str | None = None, index_actors: int = 1,
                 disks: list[int] | None = None) -> dict:
     """Restore the disks `disks` (default all) of a version to the raw sparse files `targets`."""
-    import time
-
     from .cluster import pin_here
 
     t0 = time.monotonic()

@@ -1,8 +1,8 @@
 """A restore task's writes (pipelines.restore.restore_batch, run here in the test's own process
 so that the device's answers can be chosen): a thread writes one run of blocks with direct I/O
 while the next is decoded; where the device refuses an aligned direct write part-way, the rest
-of that run and every later one (but the one already in the other buffer) are written buffered, and the file is the image all the same;
-a write that fails fails the task with the target named."""
+of that run and every later one (but the one already in the other buffer) are written
+buffered, and the file is the image all the same; a write that fails fails the task with the target named."""
 from __future__ import annotations
 
 import os
