@@ -27,7 +27,7 @@ def register(add, sub) -> None:
     def sadd(name, fn, help_):
         from ..server import default_socket
 
-        p = ssub.add_parser(name, help=help_, description=help_ + "\n\n" + HELP)
+        p = ssub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ". " + HELP)
         p.add_argument("--socket", default=None,
                        help=f"the server's Unix socket (default: $ALIKE_SERVER, else {default_socket()})")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
