@@ -35,6 +35,8 @@ class RestoreError(StoreError):
 GAP = 1 << 20          # read through gaps up to this size rather than make another request
 SPAN = 16 << 20        # at most this much per read
 FIRST_SPAN = 1 << 20   # a task's first read: the decode starts after it, not after SPAN
+# (on a backend whose requests cost more than their bytes, S3, the first read is as large as the
+# backend asks: FETCHERS reads are in flight from the start, so the decode waits little anyway)
 FETCHERS = 4           # reads in flight per task (S3 latency hides behind the others)
 WRITE_RUN = 8 << 20    # consecutive blocks are written together, up to this much per write
 # CPUs a restore task asks for ($ALIKE_RESTORE_CPUS changes it). One: a task's threads read
@@ -193,7 +195,8 @@ def restore_batch(store_url, paths: list[str], rows: dict) -> dict:
     try:
         with ThreadPoolExecutor(FETCHERS) as pool:
             stored_deltas = _fetch_deltas(rows, read, pool)
-            spans = pool.map(fetch, _spans(packs, offs, lens, FIRST_SPAN))
+            first = max(FIRST_SPAN, min(SPAN, getattr(store.backend, "min_request", 0)))
+            spans = pool.map(fetch, _spans(packs, offs, lens, first))
             while True:
                 t0 = time.perf_counter()
                 try:

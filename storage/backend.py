@@ -17,6 +17,10 @@ from typing import Iterator
 
 class Backend(abc.ABC):
     url: str
+    # bytes a ranged read should fetch at least where it can: a request to an object store costs
+    # a round trip and the server's work per request (moto, the tests' S3 server, reads the
+    # whole object for every ranged GET), a read of a local file next to nothing
+    min_request: int = 0
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes | memoryview) -> None: ...

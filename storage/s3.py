@@ -57,6 +57,8 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 class S3Backend(Backend):
+    min_request = 16 << 20
+
     def __init__(self, url: str, endpoint: str | None = None, profile: str | None = None,
                  max_connections: int = 16, attempts: int | None = None):
         self.url = url.rstrip("/")
