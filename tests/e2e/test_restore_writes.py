@@ -75,3 +75,38 @@ def test_a_failing_write_fails_the_task_naming_the_target(alike, corpus, tmp_pat
         _run(store, target, rows)
     assert int(e.value.exit_code) == 4  # no space left: the folder of the target is named
     assert str(tmp_path) in e.value.message
+
+
+def test_a_backend_whose_requests_cost_gets_fewer_larger_reads(alike, corpus, tmp_path, monkeypatch):
+    """A backend with a `min_request` (S3: a request costs a round trip and the server's work)
+    gets a task's reads at that size from the first one; a local file's first read stays small
+    (the decode starts sooner). The file is the image both ways."""
+    from storage.local import DirectoryBackend
+
+    store, target, rows = _planned(alike, corpus, tmp_path)
+    assert int(rows["len"].sum()) > 4 << 20  # enough stored data for several reads
+    reads = []
+    real = Store.read_stored
+
+    def counted(self, pack, offset, length):
+        reads.append((pack, int(offset), int(length)))
+        return real(self, pack, offset, length)
+
+    monkeypatch.setattr(Store, "read_stored", counted)
+    _run(store, target, rows)
+    small = sorted(reads)
+    assert min(n for _, o, n in small if o == min(o for _, o, _ in small)) <= restore.FIRST_SPAN
+    assert subprocess.run(["cmp", "-s", target, corpus["web"]]).returncode == 0
+
+    os.unlink(target)
+    with open(target, "wb") as f:
+        f.truncate(os.path.getsize(corpus["web"]))
+    reads.clear()
+    monkeypatch.setattr(DirectoryBackend, "min_request", restore.SPAN)
+    _run(store, target, rows)
+    big = sorted(reads)
+    assert subprocess.run(["cmp", "-s", target, corpus["web"]]).returncode == 0
+    assert len(big) < len(small)
+    assert all(n <= restore.SPAN for _, _, n in big)
+    # the first read of each pack's run is no longer the small one
+    assert max(n for _, _, n in big) > restore.FIRST_SPAN and big[0][2] > restore.FIRST_SPAN
