@@ -8,9 +8,10 @@ with ray.wait), gathers the manifests and the index entries of the packs they wr
 commits in the store's order: packs (written by the tasks) -> index segments -> manifests ->
 version.json. It releases the snapshot and its index claims also when the backup fails.
 munge_batch(): reads a batch, drops zero blocks, hashes, compares with the munge cache (an
-unchanged block costs no lookup and no write), claims the rest at the index shards in one
-batch, compresses the blocks it claimed and writes them into packs on the store itself, from
-whichever node it runs on; it returns the packs' index entries, never the data. The snapshot
+unchanged block costs no lookup and no write), claims the rest at the index shards 16 MiB at a
+time, and its packer thread compresses the blocks it claimed and writes them into packs on the
+store itself, from whichever node it runs on, while the task reads and hashes on; it returns
+the packs' index entries, never the data. The snapshot
 actor's and the driver's work per block is a few array operations (no block bytes pass them),
 so they do not limit how many nodes read and compress.
 Sources are used only through their contract (alike_ray/sources/base.py, which states it):
@@ -19,6 +20,7 @@ this module never imports them and never asks what a source can do.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 import traceback
@@ -39,6 +41,12 @@ from .index import FRESH, NEW, PENDING, IndexClient
 
 TASK_BYTES = 64 * 1024 * 1024   # blocks per read task; its new blocks make a pack of their own
 READ_BYTES = 4 * 1024 * 1024
+# a read task claims its candidates at the index shards (and hands the claimed ones to its
+# packer thread) each time this much of them has been hashed, and once after its first piece:
+# one round trip per 16 MiB, and the compression starts after the first read instead of after
+# the whole task's reads
+CLAIM_BYTES = 16 * 1024 * 1024
+PACK_THREADS = int(os.environ.get("ALIKE_PACK_THREADS") or 1)
 # CPUs a read task asks for ($ALIKE_MUNGE_CPUS changes it). One: a task's reader threads keep
 # its disk busy while it hashes (_Pieces), so it needs no second task on its core to hide the
 # disk; and with two per core Ray starts a second worker process per CPU for every command and
@@ -138,6 +146,76 @@ def _runs(blocks: np.ndarray):
     return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
+_PACKERS: list = [None]
+
+
+class _Packer:
+    """Compresses a read task's claimed blocks and writes them into packs, in one thread of the
+    worker (kept from task to task), while the task's own thread reads and hashes the blocks
+    after them: zstd and the pack writes leave the GIL, so the disk, the hashing and the
+    compression all go on at once, as in bench/floor.py, instead of one after another. Jobs run
+    in the order they were given; after an error the later ones do nothing, and the task raises
+    the first error."""
+
+    def __init__(self, store, index):
+        if _PACKERS[0] is None:
+            _PACKERS[0] = ThreadPoolExecutor(PACK_THREADS, thread_name_prefix="alike-pack")
+        self.pool = _PACKERS[0]
+        self.store, self.codec, self.index = store, store.codec, index
+        self.builder = PackBuilder()
+        self.written, self.new_blocks, self.stored_bytes, self.packs = [], 0, 0, 0
+        self.t_encode = self.t_write = 0.0
+        self.failed = False
+        self.lock = threading.Lock()
+
+    def add(self, items) -> None:
+        if self.failed:
+            return
+        try:
+            t0 = time.perf_counter()
+            done = [(h, self.codec.encode_parts(buf)) for h, buf in items]
+            t1 = time.perf_counter()
+            with self.lock:
+                self.t_encode += t1 - t0
+                for h, parts in done:
+                    self.builder.add_parts(h, parts)
+                    self.new_blocks += 1
+                    self.stored_bytes += len(parts[0]) + len(parts[1])
+                    if self.builder.size >= TARGET_PACK:
+                        self._flush()
+        except BaseException:
+            self.failed = True
+            raise
+
+    def finish(self) -> None:
+        if self.failed:
+            return
+        try:
+            with self.lock:
+                if len(self.builder):
+                    self._flush()
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _flush(self) -> None:
+        t0 = time.perf_counter()
+        builder = self.builder
+        self.store.put_pack(builder)
+        crash_point("after-pack")
+        e = builder.entries
+        h = np.array([x[0] for x in e], dtype="S32")
+        o = np.array([x[1] for x in e], dtype=np.uint64)
+        l = np.array([x[2] for x in e], dtype=np.uint64)
+        if self.index is not None:
+            self.index.commit(h, builder.pack_id, o, l)  # now durable: other tasks and VMs of this run may use it
+        crash_point("pack-committed")
+        self.written.append((h, builder.pack_id, o, l))
+        self.packs += 1
+        self.builder = PackBuilder()
+        self.t_write += time.perf_counter() - t0
+
+
 @ray.remote(max_retries=3, num_cpus=MUNGE_CPUS)
 def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.ndarray, index: IndexClient | None,
                 owner: str, pbase: np.ndarray | None = None, pmask: np.ndarray | None = None):
@@ -175,112 +253,111 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
     bi = -1  # position in `todo`
     whole = _task_buffer(sum(min(c * block_size, disk.size - f * block_size) for f, c in runs))
     reader = _Pieces(disk, runs, block_size, whole)
-    try:
-        reads = iter(reader)
-        for first, count in runs:
-            t0 = time.perf_counter()
-            buf, n = next(reads)
-            read_bytes += n
-            t1 = time.perf_counter()
-            t_read += t1 - t0
-            for k in range(count):
-                bi += 1
-                b = buf[k * block_size:(k + 1) * block_size]
-                if not len(b) or is_zero(b):
-                    zero += 1
-                    continue
-                h = codec.hash(b)
-                out_blocks.append(first + k)
-                out_hashes.append(h)
-                out_bases.append(b"")
-                out_deltas.append(b"")
-                out_grains.append(0)
-                if prev is not None and h32(prev[todo[bi]]) == h:
-                    hits += 1
-                    continue
-                cand_h.append(h)
-                cand_buf.append(b)
-                cand_patch.append(False)
-            t_hash += time.perf_counter() - t1
-    finally:
-        reader.close()
-    for i, pieces in pruns:
+    packer = _Packer(store, index)
+    jobs = []  # the packer thread's work, in order: compress the claimed blocks, write packs
+    claimed = set()  # hashes this task claimed (it writes them): a repeat later in the task is not claimed again
+    waits, freshes = [], []
+    lookups, t_lookup = 0, 0.0
+
+    def dispatch():
+        """Claim the candidates hashed so far and hand the claimed ones to the packer thread,
+        which compresses and writes them while this thread reads and hashes on."""
+        nonlocal lookups, t_lookup
+        if not cand_h:
+            return
         t0 = time.perf_counter()
-        buf = np.zeros(sum(n for _, n in pieces), dtype=np.uint8)
-        pos = 0
-        for off, n in pieces:
-            read_bytes += disk.read_into(buf[pos:pos + n], off)
-            pos += n
-        t1 = time.perf_counter()
-        t_read += t1 - t0
-        delta = patch.encode(grain, int(pmask[i]), buf)
-        dh = codec.hash(delta)
-        base = h32(pbase[i])
-        h = patch.row_hash(codec, base, dh)
-        out_blocks.append(int(blocks[i]))
-        out_hashes.append(h)
-        out_bases.append(base)
-        out_deltas.append(dh)
-        out_grains.append(int(pmask[i]))
-        t_hash += time.perf_counter() - t1
-        if prev is not None and h32(prev[i]) == h:
-            hits += 1
-            continue
-        patched += 1
-        cand_h.append(dh)
-        cand_buf.append(delta)
-        cand_patch.append(True)
-    t_lookup = time.perf_counter()
-    lookups = 0
-    write_idx = np.zeros(0, np.int64)
-    wait_h, fresh_h = EMPTY, EMPTY
-    if cand_h:
         ch = np.array(cand_h, dtype="S32")
         uniq, first_pos = np.unique(ch, return_index=True)
-        lookups = len(uniq)
-        if index is None:
-            status = np.full(len(uniq), NEW, np.uint8)
-        else:
-            status = index.claim(uniq, owner)
-        # a delta another VM of this run is writing too (clones given the same update): written
-        # here as well, since the snapshot actor could not make it again from the disk
-        own = np.array([cand_patch[j] for j in first_pos], bool) & (status == PENDING)
-        write_idx = np.sort(first_pos[(status == NEW) | own])
-        wait_h = uniq[(status == PENDING) & ~own]
-        fresh_h = uniq[status == FRESH]
-    t_encode = time.perf_counter()
-    t_lookup = t_encode - t_lookup
-    written, new_blocks, stored_bytes, packs = [], 0, 0, 0
-    t_write = 0.0
-    builder = PackBuilder()
+        if claimed:
+            again = np.array([h32(h) in claimed for h in uniq], bool)
+            uniq, first_pos = uniq[~again], first_pos[~again]
+        if len(uniq):
+            lookups += len(uniq)
+            status = np.full(len(uniq), NEW, np.uint8) if index is None else index.claim(uniq, owner)
+            # a delta another VM of this run is writing too (clones given the same update): written
+            # here as well, since the snapshot actor could not make it again from the disk
+            own = np.array([cand_patch[j] for j in first_pos], bool) & (status == PENDING)
+            take = (status == NEW) | own
+            waits.append(uniq[(status == PENDING) & ~own])
+            freshes.append(uniq[status == FRESH])
+            write = np.sort(first_pos[take])
+            claimed.update(h32(h) for h in uniq[take])
+            if len(write):
+                jobs.append(packer.pool.submit(packer.add, [(cand_h[j], cand_buf[j]) for j in write]))
+        cand_h.clear()
+        cand_buf.clear()
+        cand_patch.clear()
+        t_lookup += time.perf_counter() - t0
 
-    def flush():
-        nonlocal builder, packs, t_write
-        t0 = time.perf_counter()
-        store.put_pack(builder)
-        crash_point("after-pack")
-        e = builder.entries
-        h = np.array([x[0] for x in e], dtype="S32")
-        o = np.array([x[1] for x in e], dtype=np.uint64)
-        l = np.array([x[2] for x in e], dtype=np.uint64)
-        if index is not None:
-            index.commit(h, builder.pack_id, o, l)  # now durable: other tasks and VMs of this run may use it
-        crash_point("pack-committed")
-        written.append((h, builder.pack_id, o, l))
-        packs += 1
-        builder = PackBuilder()
-        t_write += time.perf_counter() - t0
-
-    for j in write_idx:
-        stored = codec.encode(cand_buf[j])
-        builder.add(cand_h[j], stored)
-        new_blocks += 1
-        stored_bytes += len(stored)
-        if builder.size >= TARGET_PACK:
-            flush()
-    if len(builder):
-        flush()
-    t_encode = time.perf_counter() - t_encode - t_write
+    try:
+        try:
+            reads = iter(reader)
+            for first, count in runs:
+                t0 = time.perf_counter()
+                buf, n = next(reads)
+                read_bytes += n
+                t1 = time.perf_counter()
+                t_read += t1 - t0
+                for k in range(count):
+                    bi += 1
+                    b = buf[k * block_size:(k + 1) * block_size]
+                    if not len(b) or is_zero(b):
+                        zero += 1
+                        continue
+                    h = codec.hash(b)
+                    out_blocks.append(first + k)
+                    out_hashes.append(h)
+                    out_bases.append(b"")
+                    out_deltas.append(b"")
+                    out_grains.append(0)
+                    if prev is not None and h32(prev[todo[bi]]) == h:
+                        hits += 1
+                        continue
+                    cand_h.append(h)
+                    cand_buf.append(b)
+                    cand_patch.append(False)
+                t_hash += time.perf_counter() - t1
+                if len(cand_h) * block_size >= (CLAIM_BYTES if lookups else 1):
+                    dispatch()  # the first piece's at once: the packer thread starts early
+        finally:
+            reader.close()
+        for i, pieces in pruns:
+            t0 = time.perf_counter()
+            buf = np.zeros(sum(n for _, n in pieces), dtype=np.uint8)
+            pos = 0
+            for off, n in pieces:
+                read_bytes += disk.read_into(buf[pos:pos + n], off)
+                pos += n
+            t1 = time.perf_counter()
+            t_read += t1 - t0
+            delta = patch.encode(grain, int(pmask[i]), buf)
+            dh = codec.hash(delta)
+            base = h32(pbase[i])
+            h = patch.row_hash(codec, base, dh)
+            out_blocks.append(int(blocks[i]))
+            out_hashes.append(h)
+            out_bases.append(base)
+            out_deltas.append(dh)
+            out_grains.append(int(pmask[i]))
+            t_hash += time.perf_counter() - t1
+            if prev is not None and h32(prev[i]) == h:
+                hits += 1
+                continue
+            patched += 1
+            cand_h.append(dh)
+            cand_buf.append(delta)
+            cand_patch.append(True)
+        dispatch()
+    finally:
+        # every job has ended before the task does: they read the worker's buffer, which the next task reuses
+        for f in jobs:
+            f.exception()
+    for f in jobs:
+        f.result()  # the first error of the packer threads, if any
+    packer.finish()  # the last pack, once every block is in it
+    written, new_blocks, stored_bytes, packs = packer.written, packer.new_blocks, packer.stored_bytes, packer.packs
+    wait_h = np.unique(np.concatenate(waits)) if waits else EMPTY
+    fresh_h = np.unique(np.concatenate(freshes)) if freshes else EMPTY
     logical = sum(min(c * block_size, disk.size - f * block_size) for f, c in runs) + len(pruns) * block_size
     return {
         "blocks": np.array(out_blocks, dtype=np.uint64),
@@ -302,7 +379,7 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
         "node": ray.get_runtime_context().get_node_id(),
         "logical": int(logical),
         # seconds in this task, summed over tasks into the version's "task_seconds"
-        "times": {"read": t_read, "hash": t_hash, "lookup": t_lookup, "compress": t_encode, "write": t_write,
+        "times": {"read": t_read, "hash": t_hash, "lookup": t_lookup, "compress": packer.t_encode, "write": packer.t_write,
                   "total": time.perf_counter() - t_start},
     }
 

@@ -1,7 +1,7 @@
 """The backend contract: a flat namespace of immutable objects addressed by '/'-separated keys.
 
 Semantics every backend must give (and `tests/test_backend_contract.py` checks):
-- `put(key, data)` is atomic: a reader sees the whole new object or none of it; on return the
+- `put(key, data)` is atomic (and `put_parts(key, parts)`, the same for pieces to join): a reader sees the whole new object or none of it; on return the
   object is durable (fsync'd, or acknowledged by the object store).
 - read-after-write: once `put` returns, `get`, `exists` and `list` see the object.
 - `get_range(key, offset, length)` returns exactly `length` bytes or raises `ObjectMissing`.
@@ -24,6 +24,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes | memoryview) -> None: ...
+
+    def put_parts(self, key: str, parts) -> None:
+        """`put` of the pieces `parts` joined, in order, with put's guarantees. A backend that
+        can write the pieces without joining them first overrides it (a pack is 32 MiB: the
+        join is a copy of every byte a backup stores)."""
+        self.put(key, b"".join(parts))
 
     @abc.abstractmethod
     def get(self, key: str) -> bytes: ...

@@ -15,6 +15,7 @@ import zstandard
 from .errors import DamagedData
 
 RAW, ZSTD = 0, 1
+_RAW_TAG, _ZSTD_TAG = bytes([RAW]), bytes([ZSTD])
 HASH_LEN = 32
 MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 64 * 1024, 4 * 1024 * 1024, 512 * 1024
 
@@ -58,13 +59,18 @@ class Codec:
         return blake3.blake3(buf, key=self.hash_key).digest()
 
     def encode(self, buf) -> bytes:
+        return b"".join(self.encode_parts(buf))
+
+    def encode_parts(self, buf) -> tuple[bytes, bytes]:
+        """-> (the tag byte, the payload): `encode(buf)` in two pieces, so that a pack takes the
+        compressed bytes as zstd made them, without a copy to put the tag in front."""
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
         c = cctx.compress(buf)
         if len(c) >= len(buf):
-            return bytes([RAW]) + bytes(buf)
-        return bytes([ZSTD]) + c
+            return _RAW_TAG, bytes(buf)
+        return _ZSTD_TAG, c
 
     def decode(self, stored, expect_hash: bytes | None = None, where: str = "") -> bytes:
         if not stored:

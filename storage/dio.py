@@ -105,19 +105,22 @@ def pwrite_all(fd: int, view, off: int) -> int:
 
 
 def write_file(fd: int, path: str, data) -> bool:
-    """Write `data` at the start of the new, empty file `fd` (opened at `path`) with direct I/O:
-    through an aligned buffer, its tail padded with zeros and cut off again by ftruncate. ->
-    False (nothing written) where direct I/O is off or the file system refuses it: the caller
-    writes buffered."""
-    view = memoryview(data).cast("B")
-    n = len(view)
+    """Write `data` (a buffer, or a list of buffers to write one after another) at the start of
+    the new, empty file `fd` (opened at `path`) with direct I/O: through an aligned buffer, its
+    tail padded with zeros and cut off again by ftruncate. -> False (nothing written) where
+    direct I/O is off or the file system refuses it: the caller writes buffered."""
+    views = [memoryview(v).cast("B") for v in data] if isinstance(data, (list, tuple)) else [memoryview(data).cast("B")]
+    n = sum(len(v) for v in views)
     dfd = open_direct(path, os.O_WRONLY)
     if dfd is None:
         return False
     m = round_up(n)
     buf = WRITE_BUFFERS.take(m)
     try:
-        buf[:n] = np.frombuffer(view, dtype=np.uint8)
+        at = 0
+        for v in views:
+            buf[at:at + len(v)] = np.frombuffer(v, dtype=np.uint8)
+            at += len(v)
         buf[n:m] = 0
         done = pwrite_all(dfd, buf[:m], 0)
         if done < m:

@@ -16,9 +16,14 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-import zlib
 
 import numpy as np
+
+try:  # the same CRC-32 as zlib's, with the CPU's carry-less multiply: 10x faster (a first backup
+    # spent 0.64 of its 18 CPU seconds in zlib's, measured with perf on the 16 GiB bench image)
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; the format is the same either way
+    from zlib import crc32
 
 from .errors import DamagedData
 
@@ -48,23 +53,36 @@ class PackBuilder:
         self.entries: list[tuple] = []
 
     def add(self, h: bytes, stored: bytes) -> tuple[int, int]:
-        off = self.size
-        self.parts.append(stored)
-        self.size += len(stored)
-        self.entries.append((h, off, len(stored), zlib.crc32(stored)))
-        return off, len(stored)
+        return self.add_parts(h, (stored,))
+
+    def add_parts(self, h: bytes, parts) -> tuple[int, int]:
+        """Add a stored block given as consecutive pieces (Codec.encode_parts: its tag byte,
+        then the compressed bytes), without joining them: the pack's bytes are copied once, by
+        the backend's put_parts."""
+        off, crc, n = self.size, 0, 0
+        for p in parts:
+            self.parts.append(p)
+            crc = crc32(p, crc)
+            n += len(p)
+        self.size += n
+        self.entries.append((h, off, n, crc))
+        return off, n
 
     def __len__(self):
         return len(self.entries)
 
     def finish(self) -> bytes:
+        return b"".join(self.finish_parts())
+
+    def finish_parts(self) -> list:
+        """The pack's bytes as a list of pieces, in order (Backend.put_parts writes them)."""
         footer = np.array(self.entries, dtype=FOOTER_DTYPE).tobytes()
         trailer = TRAILER.pack(len(footer), footer_crc(self.pack_id, footer), TRAILER_MAGIC)
-        return b"".join(self.parts + [footer, trailer])
+        return self.parts + [footer, trailer]
 
 
 def footer_crc(pack_id: str, footer: bytes) -> int:
-    return zlib.crc32(footer, zlib.crc32(pack_id.encode()))
+    return crc32(footer, crc32(pack_id.encode()))
 
 
 def parse_footer(tail: bytes, pack_size: int, where: str) -> np.ndarray:
@@ -79,7 +97,7 @@ def parse_footer(tail: bytes, pack_size: int, where: str) -> np.ndarray:
         raise ValueError("need more tail")
     footer = tail[-TRAILER.size - flen:-TRAILER.size]
     if magic == TRAILER_MAGIC_V1:
-        if zlib.crc32(footer) != fcrc:
+        if crc32(footer) != fcrc:
             raise DamagedData(f"pack {where} has a damaged footer")
     elif footer_crc(where, footer) != fcrc:
         raise DamagedData(f"pack {where} has a damaged footer, or holds another pack's data (swapped or renamed)")
@@ -99,4 +117,4 @@ def read_footer(backend, pack_id: str) -> np.ndarray:
 
 
 def check_block(stored: bytes, crc: int) -> bool:
-    return zlib.crc32(stored) == crc
+    return crc32(stored) == crc

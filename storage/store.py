@@ -226,7 +226,7 @@ class Store:
 
     # -- packs ------------------------------------------------------------------------------
     def put_pack(self, builder: PackBuilder) -> str:
-        self.backend.put(pack_key(builder.pack_id), builder.finish())
+        self.backend.put_parts(pack_key(builder.pack_id), builder.finish_parts())
         return builder.pack_id
 
     def read_stored(self, pack_id: str, offset: int, length: int) -> bytes:
