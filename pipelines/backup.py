@@ -136,6 +136,26 @@ def _batches(todo: np.ndarray, per_task: int, cpus: int):
         i += size
 
 
+def _spread(todo: np.ndarray, per_task: int) -> np.ndarray:
+    """`todo` reordered task by task so that consecutive tasks come from all over the disk (a
+    stride of about n/phi through its n task-sized pieces; the last, short piece stays last).
+    Why: a day's new data sits together (new files land in one free area), and read in disk
+    order its tasks come one after another at the end, all compression and no reading, while
+    the disk waits (measured on the 2 GiB day-later image: 5 of its 26 tasks held 80% of the new
+    blocks, and the disk was idle for the last 0.6 s of a 1.6 s backup). Spread out, their
+    compression overlaps the other tasks' reads. Within a task the reads stay in disk order."""
+    n = len(todo) // per_task
+    if n < 3:
+        return todo
+    k = max(1, round(n * 0.381966))
+    while np.gcd(k, n) != 1:
+        k += 1
+    order = (np.arange(n) * k) % n
+    parts = [todo[i * per_task:(i + 1) * per_task] for i in order]
+    parts.append(todo[n * per_task:])
+    return np.concatenate(parts)
+
+
 def _runs(blocks: np.ndarray):
     """Split sorted block numbers into (first, count) runs of consecutive numbers."""
     if not len(blocks):
@@ -542,7 +562,7 @@ class SnapshotActor:
                 from .cluster import pin_here
                 strategy = {"scheduling_strategy": pin_here(disk.node_id)}
             in_flight = max(2, int(self.in_flight / MUNGE_CPUS))
-            for batch in _batches(todo, per_task, max(1, self.in_flight // 2)):
+            for batch in _batches(_spread(todo, per_task), per_task, max(1, self.in_flight // 2)):
                 if len(refs) >= in_flight:
                     ready, refs = ray.wait(refs, num_returns=1)
                     self._absorb(ray.get(ready[0]), blocks_out, hashes_out, stats, bases_out, deltas_out, grains_out)
