@@ -795,7 +795,8 @@ def report(med: dict, meta: dict, results: list) -> str:
     L.append(f"- versions: {meta['versions']}")
     L.append("- alike: block size %s, zstd 3, joined to a running local Ray head (`ray start --head "
              "--num-cpus=%d`), as a deployed cluster runs; `alike (cold)` = the same command starting its own "
-             "Ray (no cluster running)." % (meta["block_size"], meta.get("ray_cpus", meta["cpus"])))
+             "Ray (no cluster running). Python modules load from their bytecode cache (`$PYTHONDONTWRITEBYTECODE` "
+             "unset), as an installed program's do." % (meta["block_size"], meta.get("ray_cpus", meta["cpus"])))
     if A == "alike (server)":
         L.append("- **alike (server)**: every alike command run with `$ALIKE_SERVER` set to an `alike server` "
                  "started per run on that Ray head (`alike server start --socket WORK/alike.sock --address HEAD`, "
@@ -919,7 +920,8 @@ def report_large(med: dict, meta: dict, results: list, skipped: list) -> str:
              f"journal and dpkg status rewritten); no vm2. Day-later backup = a full re-read of the raw file "
              f"(`image:` source, no changed-block tracking) for every tool.")
     how = ("joined to a Ray head started per run (`ray start --head --num-cpus=%d`)" % meta.get("ray_cpus", 2))
-    L.append(f"- alike: block size {meta['block_size']}, zstd 3, every command {how}, as a deployed cluster runs.")
+    L.append(f"- alike: block size {meta['block_size']}, zstd 3, every command {how}, as a deployed cluster runs; "
+             "Python modules load from their bytecode cache (`$PYTHONDONTWRITEBYTECODE` unset), as an installed program's do.")
     if A == "alike (server)":
         L.append("- **alike (server)**: every alike command run with `$ALIKE_SERVER` set to an `alike server` "
                  "started per run on that head (`alike server start --socket WORK/alike.sock --address HEAD`, "
@@ -1224,6 +1226,10 @@ def _own_alike_first() -> None:
     here = os.path.dirname(sys.executable)
     if os.path.exists(os.path.join(here, "alike")):
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+    # and its Python modules load from their bytecode cache, as an installed program's do (pip
+    # compiles them at install, Debian's borg ships its .pyc): with $PYTHONDONTWRITEBYTECODE set
+    # (this machine's default) every alike command compiled its modules again, ~25 ms each
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def main(argv=None):
