@@ -46,6 +46,8 @@ READ_BYTES = 4 * 1024 * 1024
 # one round trip per 16 MiB, and the compression starts after the first read instead of after
 # the whole task's reads
 CLAIM_BYTES = 16 * 1024 * 1024
+# packer threads per worker ($ALIKE_PACK_THREADS): one. Two were slower on 2 cores (two
+# compressions per core evict each other's tables from the cache: CPU 5.7 -> 6.1-7.0 s on 2 GiB)
 PACK_THREADS = int(os.environ.get("ALIKE_PACK_THREADS") or 1)
 # CPUs a read task asks for ($ALIKE_MUNGE_CPUS changes it). One: a task's reader threads keep
 # its disk busy while it hashes (_Pieces), so it needs no second task on its core to hide the
@@ -173,9 +175,9 @@ class _Packer:
     """Compresses a read task's claimed blocks and writes them into packs, in one thread of the
     worker (kept from task to task), while the task's own thread reads and hashes the blocks
     after them: zstd and the pack writes leave the GIL, so the disk, the hashing and the
-    compression all go on at once, as in bench/floor.py, instead of one after another. Jobs run
-    in the order they were given; after an error the later ones do nothing, and the task raises
-    the first error."""
+    compression all go on at once, as in bench/floor.py, instead of one after another. With one
+    thread (PACK_THREADS) the jobs run in the order they were given; after an error the later
+    ones do nothing, and the task raises the first error."""
 
     def __init__(self, store, index):
         if _PACKERS[0] is None:
