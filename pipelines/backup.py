@@ -281,34 +281,51 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
     waits, freshes = [], []
     lookups, t_lookup = 0, 0.0
 
-    def dispatch():
-        """Claim the candidates hashed so far and hand the claimed ones to the packer thread,
-        which compresses and writes them while this thread reads and hashes on."""
-        nonlocal lookups, t_lookup
-        if not cand_h:
+    pending = []  # the claim in flight: (hashes, their first positions, the candidates, its answers)
+
+    def resolve():
+        """Take the answers of the claim in flight and hand the blocks it claimed to the packer
+        thread, which compresses and writes them while this thread reads and hashes on."""
+        if not pending:
             return
+        uniq, first_pos, hs, bufs, patches, answers = pending.pop()
+        status = answers()
+        # a delta another VM of this run is writing too (clones given the same update): written
+        # here as well, since the snapshot actor could not make it again from the disk
+        own = np.array([patches[j] for j in first_pos], bool) & (status == PENDING)
+        take = (status == NEW) | own
+        waits.append(uniq[(status == PENDING) & ~own])
+        freshes.append(uniq[status == FRESH])
+        write = np.sort(first_pos[take])
+        claimed.update(h32(h) for h in uniq[take])
+        if len(write):
+            jobs.append(packer.pool.submit(packer.add, [(hs[j], bufs[j]) for j in write]))
+
+    def dispatch(wait: bool = False):
+        """Send the claim of the candidates hashed so far; its answers are taken at the next
+        dispatch (the round trip then overlaps the hashing in between), or now when `wait` is
+        set or the packer thread has nothing to do yet (the task's first claim)."""
+        nonlocal lookups, t_lookup
         t0 = time.perf_counter()
-        ch = np.array(cand_h, dtype="S32")
-        uniq, first_pos = np.unique(ch, return_index=True)
-        if claimed:
-            again = np.array([h32(h) in claimed for h in uniq], bool)
-            uniq, first_pos = uniq[~again], first_pos[~again]
-        if len(uniq):
-            lookups += len(uniq)
-            status = np.full(len(uniq), NEW, np.uint8) if index is None else index.claim(uniq, owner)
-            # a delta another VM of this run is writing too (clones given the same update): written
-            # here as well, since the snapshot actor could not make it again from the disk
-            own = np.array([cand_patch[j] for j in first_pos], bool) & (status == PENDING)
-            take = (status == NEW) | own
-            waits.append(uniq[(status == PENDING) & ~own])
-            freshes.append(uniq[status == FRESH])
-            write = np.sort(first_pos[take])
-            claimed.update(h32(h) for h in uniq[take])
-            if len(write):
-                jobs.append(packer.pool.submit(packer.add, [(cand_h[j], cand_buf[j]) for j in write]))
-        cand_h.clear()
-        cand_buf.clear()
-        cand_patch.clear()
+        resolve()  # first: a hash the claim in flight claimed is not claimed again below
+        if cand_h:
+            ch = np.array(cand_h, dtype="S32")
+            uniq, first_pos = np.unique(ch, return_index=True)
+            if claimed:
+                again = np.array([h32(h) in claimed for h in uniq], bool)
+                uniq, first_pos = uniq[~again], first_pos[~again]
+            if len(uniq):
+                lookups += len(uniq)
+                if index is None:
+                    answers = (lambda n=len(uniq): np.full(n, NEW, np.uint8))
+                else:
+                    answers = index.claim_async(uniq, owner)
+                pending.append((uniq, first_pos, list(cand_h), list(cand_buf), list(cand_patch), answers))
+            cand_h.clear()
+            cand_buf.clear()
+            cand_patch.clear()
+        if wait or not jobs:
+            resolve()
         t_lookup += time.perf_counter() - t0
 
     try:
@@ -369,7 +386,7 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
             cand_h.append(dh)
             cand_buf.append(delta)
             cand_patch.append(True)
-        dispatch()
+        dispatch(wait=True)
     finally:
         # every job has ended before the task does: they read the worker's buffer, which the next task reuses
         for f in jobs:

@@ -166,10 +166,19 @@ class IndexClient:
         return found
 
     def claim(self, hashes: np.ndarray, owner: str) -> np.ndarray:
-        out = np.zeros(len(hashes), np.uint8)
-        for (a, idx), res in zip(*self._fan("claim", hashes, owner)):
-            out[idx] = res
-        return out
+        return self.claim_async(hashes, owner)()
+
+    def claim_async(self, hashes: np.ndarray, owner: str):
+        """`claim`, sent now: -> a function that waits for the answers and returns them."""
+        parts = self._split(hashes)
+        refs = [self.actors[a].claim.remote(hashes[idx], owner) for a, idx in parts]
+
+        def answers() -> np.ndarray:
+            out = np.zeros(len(hashes), np.uint8)
+            for (a, idx), res in zip(parts, ray.get(refs)):
+                out[idx] = res
+            return out
+        return answers
 
     def commit(self, hashes: np.ndarray, pack: str, offsets, lengths) -> None:
         offsets, lengths = np.asarray(offsets), np.asarray(lengths)
