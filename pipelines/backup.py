@@ -20,7 +20,6 @@ this module never imports them and never asks what a source can do.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 import traceback
@@ -46,9 +45,8 @@ READ_BYTES = 4 * 1024 * 1024
 # one round trip per 16 MiB, and the compression starts after the first read instead of after
 # the whole task's reads
 CLAIM_BYTES = 16 * 1024 * 1024
-# packer threads per worker ($ALIKE_PACK_THREADS): one. Two were slower on 2 cores (two
-# compressions per core evict each other's tables from the cache: CPU 5.7 -> 6.1-7.0 s on 2 GiB)
-PACK_THREADS = int(os.environ.get("ALIKE_PACK_THREADS") or 1)
+# one packer thread per worker: two were slower on 2 cores (two compressions per core evict
+# each other's tables from the cache: CPU 5.7 -> 6.1-7.0 s on 2 GiB)
 # CPUs a read task asks for ($ALIKE_MUNGE_CPUS changes it). One: a task's reader threads keep
 # its disk busy while it hashes (_Pieces), so it needs no second task on its core to hide the
 # disk; and with two per core Ray starts a second worker process per CPU for every command and
@@ -175,20 +173,19 @@ class _Packer:
     """Compresses a read task's claimed blocks and writes them into packs, in one thread of the
     worker (kept from task to task), while the task's own thread reads and hashes the blocks
     after them: zstd and the pack writes leave the GIL, so the disk, the hashing and the
-    compression all go on at once, as in bench/floor.py, instead of one after another. With one
-    thread (PACK_THREADS) the jobs run in the order they were given; after an error the later
-    ones do nothing, and the task raises the first error."""
+    compression all go on at once, as in bench/floor.py, instead of one after another. The jobs
+    run in the order they were given; after an error the later ones do nothing, and the task
+    raises the first error. `finish` is called once every job has ended."""
 
     def __init__(self, store, index):
         if _PACKERS[0] is None:
-            _PACKERS[0] = ThreadPoolExecutor(PACK_THREADS, thread_name_prefix="alike-pack")
+            _PACKERS[0] = ThreadPoolExecutor(1, thread_name_prefix="alike-pack")
         self.pool = _PACKERS[0]
         self.store, self.codec, self.index = store, store.codec, index
         self.builder = PackBuilder()
         self.written, self.new_blocks, self.stored_bytes, self.packs = [], 0, 0, 0
         self.t_encode = self.t_write = 0.0
         self.failed = False
-        self.lock = threading.Lock()
 
     def add(self, items) -> None:
         if self.failed:
@@ -196,15 +193,13 @@ class _Packer:
         try:
             t0 = time.perf_counter()
             done = [(h, self.codec.encode_parts(buf)) for h, buf in items]
-            t1 = time.perf_counter()
-            with self.lock:
-                self.t_encode += t1 - t0
-                for h, parts in done:
-                    self.builder.add_parts(h, parts)
-                    self.new_blocks += 1
-                    self.stored_bytes += len(parts[0]) + len(parts[1])
-                    if self.builder.size >= TARGET_PACK:
-                        self._flush()
+            self.t_encode += time.perf_counter() - t0
+            for h, parts in done:
+                self.builder.add_parts(h, parts)
+                self.new_blocks += 1
+                self.stored_bytes += len(parts[0]) + len(parts[1])
+                if self.builder.size >= TARGET_PACK:
+                    self._flush()
         except BaseException:
             self.failed = True
             raise
@@ -213,9 +208,8 @@ class _Packer:
         if self.failed:
             return
         try:
-            with self.lock:
-                if len(self.builder):
-                    self._flush()
+            if len(self.builder):
+                self._flush()
         except BaseException:
             self.failed = True
             raise

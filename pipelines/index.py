@@ -154,9 +154,12 @@ class IndexClient:
         owner = shard_of(hashes) % len(self.actors)
         return [(a, np.flatnonzero(owner == a)) for a in range(len(self.actors)) if (owner == a).any()]
 
-    def _fan(self, method: str, hashes: np.ndarray, *args):
+    def _send(self, method: str, hashes: np.ndarray, *args):
         parts = self._split(hashes)
-        refs = [getattr(self.actors[a], method).remote(hashes[idx], *args) for a, idx in parts]
+        return parts, [getattr(self.actors[a], method).remote(hashes[idx], *args) for a, idx in parts]
+
+    def _fan(self, method: str, hashes: np.ndarray, *args):
+        parts, refs = self._send(method, hashes, *args)
         return parts, ray.get(refs)
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
@@ -170,8 +173,7 @@ class IndexClient:
 
     def claim_async(self, hashes: np.ndarray, owner: str):
         """`claim`, sent now: -> a function that waits for the answers and returns them."""
-        parts = self._split(hashes)
-        refs = [self.actors[a].claim.remote(hashes[idx], owner) for a, idx in parts]
+        parts, refs = self._send("claim", hashes, owner)
 
         def answers() -> np.ndarray:
             out = np.zeros(len(hashes), np.uint8)

@@ -1,8 +1,9 @@
 """The backend contract: a flat namespace of immutable objects addressed by '/'-separated keys.
 
 Semantics every backend must give (and `tests/test_backend_contract.py` checks):
-- `put(key, data)` is atomic (and `put_parts(key, parts)`, the same for pieces to join): a reader sees the whole new object or none of it; on return the
-  object is durable (fsync'd, or acknowledged by the object store).
+- `put(key, data)` is atomic (and `put_parts(key, parts)`, the same for pieces to join): a
+  reader sees the whole new object or none of it; on return the object is durable (fsync'd, or
+  acknowledged by the object store).
 - read-after-write: once `put` returns, `get`, `exists` and `list` see the object.
 - `get_range(key, offset, length)` returns exactly `length` bytes or raises `ObjectMissing`.
 - `list(prefix)` yields every key under `prefix` (a folder-like prefix ending in '/'), sorted.
