@@ -24,29 +24,54 @@ from .faults import crash_point
 NEW, DURABLE, PENDING, FRESH = 0, 1, 2, 3
 
 
-def load_segments(store: Store, keys: list[str], index: CompactIndex) -> list[str]:
-    """Read segments several at a time (on S3 each is a request), adding them as they come.
-    A segment that fails its check is left out -> the keys of those. Leaving one out is safe
-    for the readers that call this: a backup then stores its blocks again, a restore refuses the
-    versions whose blocks only it indexed (gc and repair read the whole index, strictly)."""
+def load_segments(store: Store, shards, index: CompactIndex) -> list[str]:
+    """Read the segments of `shards` (None: all) several at a time (on S3 each is a request),
+    adding them as they come. A segment that fails its check is left out -> the keys of those.
+    Leaving one out is safe for the readers that call this: a backup then stores its blocks
+    again, a restore refuses the versions whose blocks only it indexed (gc and repair read the
+    whole index, strictly).
+
+    A gc or repair may compact the index meanwhile (Store.rewrite_index): it writes a shard's
+    new segment before it deletes the ones it replaces. So a listed segment that is gone when
+    read has been replaced by one that a fresh listing shows: list again and read what is new,
+    until a listing holds nothing that vanished."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from storage.errors import DamagedData
+    from storage.errors import DamagedData, ObjectMissing
+
+    def listing():
+        if shards is None:
+            return store.segment_keys()
+        return [k for s in shards for k in store.segment_keys(s)]
 
     def one(key):
         try:
             return store.read_segment(key)
         except DamagedData:
             return key
+        except ObjectMissing as e:
+            return e
 
-    damaged = []
-    with ThreadPoolExecutor(8) as pool:
-        for seg in pool.map(one, keys):
-            if isinstance(seg, str):
-                damaged.append(seg)
-            else:
-                index.add(*seg)
-    return damaged
+    damaged, seen = [], set()
+    for attempt in range(RELIST):
+        keys = [k for k in listing() if k not in seen]
+        gone = None
+        with ThreadPoolExecutor(8) as pool:
+            for key, seg in zip(keys, pool.map(one, keys)):
+                if isinstance(seg, ObjectMissing):
+                    gone = seg
+                    continue
+                seen.add(key)
+                if isinstance(seg, str):
+                    damaged.append(seg)
+                else:
+                    index.add(*seg)
+        if gone is None:
+            return damaged
+    raise gone
+
+
+RELIST = 8  # listings of the index a reader makes while segments keep vanishing under it
 
 
 @ray.remote(num_cpus=0)
@@ -67,7 +92,7 @@ class IndexShard:
         self.index = CompactIndex()
         self.fresh = CompactIndex()
         self.claims: dict[bytes, str] = {}
-        load_segments(store, [k for s in self.shards for k in store.segment_keys(s)], self.index)
+        load_segments(store, self.shards, self.index)
         crash_point("index-loaded")
         return len(self.index)
 
@@ -230,7 +255,7 @@ class LocalIndex:
     def __init__(self, store_url):
         store = Store.open(store_url)
         self.index = CompactIndex()
-        self.damaged = load_segments(store, store.segment_keys(), self.index)
+        self.damaged = load_segments(store, None, self.index)
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         return self.index.lookup(hashes)[0]

@@ -237,6 +237,52 @@ def test_rewrite_index_drops_adds_and_compacts(tmp_path):
     assert len(st.segment_keys()) <= 16 < before
 
 
+def test_index_load_outlives_a_compaction_under_it(tmp_path):
+    """A backup, restore or vault loads the index while a gc compacts it: a segment listed, then
+    deleted by the rewrite before it is read, is found again in the compacted one (CI once saw a
+    vault fail with 'index/b/... is missing' here). An index whose listed segment stays missing
+    is still an error, after the listings run out."""
+    import numpy as np
+
+    from pipelines.index import RELIST, load_segments
+    from storage.errors import ObjectMissing
+    from storage.index import CompactIndex
+
+    st = Store.init(str(tmp_path / "s"))
+    rng = np.random.default_rng(2)
+    h = np.array([rng.bytes(32) for _ in range(400)], dtype="S32")
+    real_read, compacted = st.read_segment, []
+
+    def read_then_compact(key):
+        if not compacted:  # the gc's rewrite lands between the listing and the first read
+            compacted.append(None)
+            compacted[0] = Store.open(st.url).rewrite_index()
+        return real_read(key)
+
+    st.read_segment = read_then_compact
+    for shards in (None, [0, 5, 11]):
+        for i in range(4):
+            st.write_segments(h[i * 100:(i + 1) * 100], [f"{i}" * 32] * 100, np.arange(100) * 10, [10] * 100)
+        assert len(st.segment_keys()) > 16
+        compacted.clear()
+        index = CompactIndex()
+        assert load_segments(st, shards, index) == []
+        assert compacted and compacted[0]["segments_written"] >= 1
+        want = h if shards is None else h[np.isin(shard_of(h), shards)]
+        found, packs, off, _ = index.locate(want)
+        assert found.all() and len(index) >= len(want)
+        assert [p[0] for p in packs] == [str(i // 100) for i in np.flatnonzero(np.isin(h, want))]
+
+    # a listed segment that never comes back
+    st.read_segment = real_read
+    key = st.segment_keys(3)[0]
+    st.backend.list = (lambda real: lambda prefix: sorted(set(real(prefix)) | {key}))(st.backend.list)
+    st.backend.delete(key)
+    with pytest.raises(ObjectMissing, match=key):
+        load_segments(st, [3], CompactIndex())
+    assert RELIST > 1
+
+
 def test_open_cached_follows_a_store_created_anew(tmp_path):
     """A worker process keeps the stores it opened; a store created again at the same place
     (another hash key) must not be hashed or decoded with the old one's key."""
