@@ -24,12 +24,12 @@ from .faults import crash_point
 NEW, DURABLE, PENDING, FRESH = 0, 1, 2, 3
 
 
-def load_segments(store: Store, shards, index: CompactIndex) -> list[str]:
+def load_segments(store: Store, shards, index: CompactIndex, details: list | None = None) -> list[str]:
     """Read the segments of `shards` (None: all) several at a time (on S3 each is a request),
     adding them as they come. A segment that fails its check is left out -> the keys of those.
     Leaving one out is safe for the readers that call this: a backup then stores its blocks
     again, a restore refuses the versions whose blocks only it indexed (gc and repair read the
-    whole index, strictly).
+    whole index, strictly). `details` gains a (key, what is wrong) for each.
 
     A gc or repair may compact the index meanwhile (Store.rewrite_index): it writes a shard's
     new segment before it deletes the ones it replaces. So a listed segment that is gone when
@@ -47,9 +47,7 @@ def load_segments(store: Store, shards, index: CompactIndex) -> list[str]:
     def one(key):
         try:
             return store.read_segment(key)
-        except DamagedData:
-            return key
-        except ObjectMissing as e:
+        except (DamagedData, ObjectMissing) as e:
             return e
 
     damaged, seen = [], set()
@@ -62,8 +60,10 @@ def load_segments(store: Store, shards, index: CompactIndex) -> list[str]:
                     gone = seg
                     continue
                 seen.add(key)
-                if isinstance(seg, str):
-                    damaged.append(seg)
+                if isinstance(seg, DamagedData):
+                    damaged.append(key)
+                    if details is not None:
+                        details.append((key, seg.detail))
                 else:
                     index.add(*seg)
         if gone is None:

@@ -197,26 +197,17 @@ class Scan:
 
 
 def load_index(store: Store, scan: Scan | None = None) -> CompactIndex:
-    """The whole index; a segment that does not parse is noted in `scan` and skipped."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The whole index; a segment that does not parse is noted in `scan` and skipped. One that
+    a gc's compaction removes meanwhile is read in the segment that replaced it (load_segments)."""
+    from .index import load_segments
 
     index = CompactIndex()
-
-    def one(key):
-        try:
-            return key, store.read_segment(key), None
-        except ObjectMissing:
-            return key, None, None  # removed meanwhile (a gc compacting): its entries are elsewhere
-        except DamagedData as e:
-            return key, None, e.detail
-
-    with ThreadPoolExecutor(8) as pool:
-        for key, seg, why in pool.map(one, store.segment_keys()):
-            if seg is not None:
-                index.add(*seg)
-            elif why and scan is not None:
-                scan.damaged_segments.append(key)
-                scan.problems.append(why)
+    damaged: list = []
+    load_segments(store, None, index, damaged)
+    if scan is not None:
+        for key, why in damaged:
+            scan.damaged_segments.append(key)
+            scan.problems.append(why)
     return index
 
 
