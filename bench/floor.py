@@ -63,17 +63,17 @@ def extents(path: str) -> list[tuple[int, int]]:
         os.close(fd)
 
 
-def pieces(path: str, k: int, n: int) -> list[tuple[int, int]]:
-    """Process k's (offset, length) reads: whole blocks of the allocated ranges, 64 MiB ranges dealt
-    round-robin over the n processes."""
+def tasks(path: str) -> list[list[tuple[int, int]]]:
+    """The image's reads as tasks: the (offset, length) 4 MiB pieces of each 64 MiB range of
+    whole blocks of its allocated extents, in the image's order. The processes take the next
+    task as they are free (a shared counter), so none idles while another still has a backlog."""
     size = os.path.getsize(path)
-    out = []
+    out: dict[int, list] = {}
     for s, e in extents(path):
         s, e = s // BS * BS, min(-(-e // BS) * BS, size)
         for a in range(s, e, PIECE):
-            if (a // TASK) % n == k:
-                out.append((a, min(PIECE, e - a)))
-    return out
+            out.setdefault(a // TASK, []).append((a, min(PIECE, e - a)))
+    return [out[t] for t in sorted(out)]
 
 
 READERS = 2  # read threads per process: alike's default (ALIKE_READ_THREADS), 4 streams on 2 processes
@@ -93,13 +93,14 @@ def _known(out: str) -> set:
     return known
 
 
-def work(path: str, k: int, n: int, out: str, step: str, q) -> None:
+def work(path: str, k: int, n: int, out: str, step: str, counter, q) -> None:
     """One process's share of a backup step. Two threads read ahead with direct I/O (DEPTH
-    buffers each) while the process hashes every non-zero block with keyed BLAKE3; a block whose
+    buffers each), each taking the next 64 MiB task of the image off `counter` (shared by the
+    processes), while the process hashes every non-zero block with keyed BLAKE3; a block whose
     digest is already known (seen before in this process; for "day2" also every block the first
-    step stored) is skipped, the others are compressed with zstd -3 and appended to 32 MiB files
-    written with direct I/O and fsync. "first" also leaves the list of what it stored (for
-    "restore") and the digests (for "day2")."""
+    step stored) is skipped, the others are compressed with zstd -3 and appended to 32 MiB files,
+    which a thread writes with direct I/O and fsync while the next one fills. "first" also leaves
+    the list of what it stored (for "restore") and the digests (for "day2")."""
     import threading
 
     import blake3
@@ -108,7 +109,7 @@ def work(path: str, k: int, n: int, out: str, step: str, q) -> None:
 
     direct = getattr(os, "O_DIRECT", 0)
     fd = os.open(path, os.O_RDONLY | direct)
-    mine = pieces(path, k, n)
+    todo = tasks(path)
     full: queue.Queue = queue.Queue()
     frees = []
     for _ in range(READERS):
@@ -116,7 +117,12 @@ def work(path: str, k: int, n: int, out: str, step: str, q) -> None:
         for _ in range(DEPTH):
             f.put(mmap.mmap(-1, PIECE))
         frees.append(f)
-    wbuf = mmap.mmap(-1, PACK + (8 << 20))
+    wfree: queue.Queue = queue.Queue()
+    for _ in range(2):
+        wfree.put(mmap.mmap(-1, PACK + (8 << 20)))
+    wfull: queue.Queue = queue.Queue()
+    werr: list = []
+    wbuf = wfree.get()
     cctx = zstandard.ZstdCompressor(level=3)
     key = bytes(32)
     known = _known(out) if step == "day2" else set()
@@ -127,33 +133,54 @@ def work(path: str, k: int, n: int, out: str, step: str, q) -> None:
 
     def reader(j: int) -> None:
         try:
-            for a, ln in mine[j::READERS]:
-                buf = frees[j].get()
-                got = os.preadv(fd, [memoryview(buf)[:-(-ln // ALIGN) * ALIGN]], a)
-                full.put((a, min(got, ln), buf, j))
+            while True:
+                with counter.get_lock():
+                    t = counter.value
+                    counter.value += 1
+                if t >= len(todo):
+                    break
+                for a, ln in todo[t]:
+                    buf = frees[j].get()
+                    got = os.preadv(fd, [memoryview(buf)[:-(-ln // ALIGN) * ALIGN]], a)
+                    full.put((a, min(got, ln), buf, j))
         except BaseException as e:  # the main loop raises it
             full.put(e)
         full.put(None)
 
+    def writer() -> None:
+        while True:
+            item = wfull.get()
+            if item is None:
+                return
+            buf, n, name = item
+            try:
+                m = -(-n // ALIGN) * ALIGN
+                buf[n:m] = bytes(m - n)
+                wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+                try:
+                    os.write(wfd, memoryview(buf)[:m])
+                    os.ftruncate(wfd, n)
+                    os.fsync(wfd)
+                finally:
+                    os.close(wfd)
+            except BaseException as e:
+                werr.append(e)
+            wfree.put(buf)
+
     def flush():
-        nonlocal pos, files
-        m = -(-pos // ALIGN) * ALIGN
-        wbuf[pos:m] = bytes(m - pos)
-        name = os.path.join(out, f"{step}-{k}-{files}")
-        wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
-        try:
-            os.write(wfd, memoryview(wbuf)[:m])
-            os.ftruncate(wfd, pos)
-            os.fsync(wfd)
-        finally:
-            os.close(wfd)
+        nonlocal pos, files, wbuf
+        wfull.put((wbuf, pos, os.path.join(out, f"{step}-{k}-{files}")))
         files += 1
         ends.append(len(index))
         pos = 0
+        wbuf = wfree.get()
+        if werr:
+            raise werr[0]
 
     t0, c0 = time.monotonic(), time.process_time()
     threads = [threading.Thread(target=reader, args=(j,), daemon=True) for j in range(READERS)]
-    for t in threads:
+    wthread = threading.Thread(target=writer, daemon=True)
+    for t in threads + [wthread]:
         t.start()
     done = 0
     while done < READERS:
@@ -187,6 +214,10 @@ def work(path: str, k: int, n: int, out: str, step: str, q) -> None:
         frees[j].put(buf)
     if pos:
         flush()
+    wfull.put(None)
+    wthread.join()
+    if werr:
+        raise werr[0]
     t1 = time.monotonic()
     os.close(fd)
     if step == "first":
@@ -344,7 +375,11 @@ STEPS = ("first", "day2", "restore")
 
 
 def _run(ctx, target, argsets) -> tuple[float, list]:
+    """Run `target(*args, q)` in a process per argument set; an argument None is a task counter
+    shared by them all."""
     q = ctx.Queue()
+    counter = ctx.Value("i", 0)
+    argsets = [tuple(counter if x is None else x for x in a) for a in argsets]
     t0 = time.perf_counter()
     ps = [ctx.Process(target=target, args=(*a, q)) for a in argsets]
     for p in ps:
@@ -393,7 +428,7 @@ def measure_steps(path: str, procs: int = 2, out: str | None = None, day2: str |
         if steps:  # "restore" restores what it stored, "day2" knows its blocks
             if before:
                 before()
-            wall, rs = _run(ctx, work, [(path, k, procs, out, "first") for k in range(procs)])
+            wall, rs = _run(ctx, work, [(path, k, procs, out, "first", None) for k in range(procs)])
             if "first" in steps:
                 res["first"] = _result(wall, rs, procs, "first")
         if "restore" in steps:
@@ -408,7 +443,7 @@ def measure_steps(path: str, procs: int = 2, out: str | None = None, day2: str |
         if "day2" in steps:
             if before:
                 before()
-            wall, rs = _run(ctx, work, [(day2 or path, k, procs, out, "day2") for k in range(procs)])
+            wall, rs = _run(ctx, work, [(day2 or path, k, procs, out, "day2", None) for k in range(procs)])
             res["day2"] = _result(wall, rs, procs, "day2")
             if disk:  # a full re-read cannot take less than reading the image
                 res["day2"].update(disk_seconds(day2 or path, before))

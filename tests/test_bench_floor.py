@@ -29,7 +29,7 @@ def test_floor_restore_writes_back_what_its_first_step_stored(tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
     ctx = mp.get_context("spawn")
-    _, first = floor._run(ctx, floor.work, [(img, k, 2, out, "first") for k in range(2)])
+    _, first = floor._run(ctx, floor.work, [(img, k, 2, out, "first", None) for k in range(2)])
     target = str(tmp_path / "restored.raw")
     with open(target, "wb") as f:
         f.truncate(os.path.getsize(img))
