@@ -173,13 +173,16 @@ class _Packer:
     """Compresses a read task's claimed blocks and writes them into packs, in one thread of the
     worker (kept from task to task), while the task's own thread reads and hashes the blocks
     after them: zstd and the pack writes leave the GIL, so the disk, the hashing and the
-    compression all go on at once, as in bench/floor.py, instead of one after another. A full
-    pack is written (and then committed to the index) by a second thread while the first
-    compresses into the next one: the write and its fsync wait on the disk, ~28 ms for each
-    32 MiB pack, and a compressing thread that waited with them left its core idle (2.3 s of the
-    16 GiB first backup's 10.7). The jobs run in the order they were given; after an error the
-    later ones do nothing, and the task raises the first error. `finish` is called once every
-    job has ended, `wait` before the task returns whatever happened."""
+    compression all go on at once, as in bench/floor.py, instead of one after another.
+
+    A pack is written as it fills, by a second thread (Store.pack_stream: on a directory store
+    the file grows in 4 MiB direct writes while the next blocks are compressed), and committed
+    to the index once whole and durable. Why: a 64 MiB task stores ~18 MB, one pack, and
+    written in one go at the task's end the write and its fsync (12-28 ms) left the core idle
+    after every task (2.3 s of the 16 GiB first backup's task time); now only the pack's last
+    piece, its footer and the fsync are left then. The jobs run in the order they were given;
+    after an error the later ones do nothing, and the task raises the first error. `finish` is
+    called once every job has ended, `wait` before the task returns whatever happened."""
 
     def __init__(self, store, index):
         if _PACKERS[0] is None:
@@ -188,12 +191,14 @@ class _Packer:
         self.pool, self.wpool = _PACKERS[0]
         self.store, self.codec, self.index = store, store.codec, index
         self.builder = PackBuilder()
-        self.writes = []  # the pack writes handed to the write thread, in order
+        self.writes = []  # the write thread's jobs, in order
+        self.streaming = []  # packs whose stream is open (written in part, not committed)
         self.written, self.new_blocks, self.stored_bytes, self.packs = [], 0, 0, 0
         self.t_encode = self.t_write = 0.0
         self.failed = False
 
     def add(self, items) -> None:
+        """Compress `items` (hash, block) into the pack; hand what it added to the write thread."""
         if self.failed:
             return
         try:
@@ -205,38 +210,59 @@ class _Packer:
                 self.new_blocks += 1
                 self.stored_bytes += len(parts[0]) + len(parts[1])
                 if self.builder.size >= TARGET_PACK:
-                    self._seal()
+                    self._submit(self._write, self.builder, self.builder.take_parts(), True)
+                    self.builder = PackBuilder()
+            if len(self.builder):
+                self._submit(self._write, self.builder, self.builder.take_parts(), False)
         except BaseException:
             self.failed = True
             raise
 
-    def _seal(self) -> None:
-        """Hand the full pack to the write thread and start the next. At most two packs wait for
-        the disk (one written, one queued): a third waits here for the older of them."""
-        builder, self.builder = self.builder, PackBuilder()
-        if len(self.writes) >= 2:
-            self.writes[-2].result()
-        self.writes.append(self.wpool.submit(self._write, builder))
+    def _submit(self, fn, *args) -> None:
+        """At most two jobs wait for the disk: a third waits here for the oldest of them."""
+        running = [w for w in self.writes if not w.done()]
+        if len(running) >= 2:
+            running[-2].result()
+        self.writes.append(self.wpool.submit(fn, *args))
 
     def finish(self) -> None:
         """The last pack, once every block is in it; then every pack is written and committed
         (raises the first error of the writes)."""
         if not self.failed and len(self.builder):
-            self._seal()
+            self._submit(self._write, self.builder, self.builder.take_parts(), True)
+            self.builder = PackBuilder()
         for w in self.writes:
             w.result()
 
-    def wait(self) -> None:
-        """Every pack write has ended (errors are for finish to raise)."""
+    def wait(self, abort: bool) -> None:
+        """Every write has ended (errors are for finish to raise). With `abort` (after finish,
+        or on an error) a pack left unfinished is removed (its stream aborted), never committed."""
         for w in self.writes:
             w.exception()
+        if not abort:
+            return
+        for b in self.streaming:
+            b.stream.abort()
+            b.stream = None
+        self.streaming = []
 
-    def _write(self, builder: PackBuilder) -> None:
+    def _write(self, builder: PackBuilder, parts: list, last: bool) -> None:
+        """Write `parts` of the pack; with `last` its tail too, then commit it and its entries."""
         if self.failed:
             return
         try:
             t0 = time.perf_counter()
-            self.store.put_pack(builder)
+            if builder.stream is None:
+                builder.stream = self.store.pack_stream(builder)
+                self.streaming.append(builder)
+            if not last:
+                builder.stream.write(parts)
+                self.t_write += time.perf_counter() - t0
+                return
+            builder.stream.write(parts + builder.tail_parts())
+            builder.stream.commit()
+            self.streaming.remove(builder)
+            builder.stream = None
             crash_point("after-pack")
             e = builder.entries
             h = np.array([x[0] for x in e], dtype="S32")
@@ -249,7 +275,7 @@ class _Packer:
             self.packs += 1
             self.t_write += time.perf_counter() - t0
         except BaseException:
-            self.failed = True
+            self.failed = True  # its stream, if open, is aborted by wait()
             raise
 
 
@@ -343,6 +369,7 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
             resolve()
         t_lookup += time.perf_counter() - t0
 
+    ok = False
     try:
         try:
             reads = iter(reader)
@@ -402,17 +429,18 @@ def munge_batch(store_url, disk, block_size: int, blocks: np.ndarray, prev: np.n
             cand_buf.append(delta)
             cand_patch.append(True)
         dispatch(wait=True)
+        ok = True
     finally:
         # every job has ended before the task does: they read the worker's buffer, which the next task reuses
         for f in jobs:
             f.exception()
-        packer.wait()
-    for f in jobs:
-        f.result()  # the first error of the packer threads, if any
+        packer.wait(abort=not ok)
     try:
+        for f in jobs:
+            f.result()  # the first error of the packer threads, if any
         packer.finish()  # the last pack, once every block is in it; every pack written
     finally:
-        packer.wait()
+        packer.wait(abort=True)
     written, new_blocks, stored_bytes, packs = packer.written, packer.new_blocks, packer.stored_bytes, packer.packs
     wait_h = np.unique(np.concatenate(waits)) if waits else EMPTY
     fresh_h = np.unique(np.concatenate(freshes)) if freshes else EMPTY

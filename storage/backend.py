@@ -32,6 +32,14 @@ class Backend(abc.ABC):
         join is a copy of every byte a backup stores)."""
         self.put(key, b"".join(parts))
 
+    def put_stream(self, key: str) -> "PutStream":
+        """A put whose pieces come over time: `write` them in order, then `commit` (the object
+        appears whole, with put's guarantees: nothing of it is seen before) or `abort`. A
+        backend that can write the pieces as they come overrides it (the directory backend
+        writes a pack while its blocks are still being compressed, so that only its tail is
+        left to write when the last block is in); this one gathers them for one put_parts."""
+        return PutStream(self, key)
+
     @abc.abstractmethod
     def get(self, key: str) -> bytes: ...
 
@@ -70,6 +78,24 @@ class Backend(abc.ABC):
         (storage/locks.py), so a store that died under a run does not also hold up its end
         with minutes of retries."""
         return self
+
+
+class PutStream:
+    """Backend.put_stream's put: the pieces are kept until `commit` puts them joined."""
+
+    def __init__(self, backend: Backend, key: str):
+        self.backend, self.key = backend, key
+        self.parts: list = []
+
+    def write(self, parts) -> None:
+        self.parts.extend(parts)
+
+    def commit(self) -> None:
+        parts, self.parts = self.parts, []
+        self.backend.put_parts(self.key, parts)
+
+    def abort(self) -> None:
+        self.parts = []
 
 
 def store_spec(url: str, endpoint: str | None = None, profile: str | None = None):

@@ -9,13 +9,16 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+
+import numpy as np
 from typing import Iterator
 
 from . import dio
-from .backend import Backend
+from .backend import Backend, PutStream
 from .errors import ObjectMissing, StoreError, StoreFull
 
 DIRECT_MIN = 1 << 20
+STREAM_CHUNK = 4 << 20  # a streamed put writes in pieces of this size (direct I/O: aligned)
 
 
 def _fsync_dir(path: str) -> None:
@@ -24,6 +27,12 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _store_error(path: str, root: str, e: OSError):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(root)
+    return StoreError(f"cannot write {path}: {e.strerror}")
 
 
 class DirectoryBackend(Backend):
@@ -67,9 +76,10 @@ class DirectoryBackend(Backend):
                 os.unlink(tmp)
             except OSError:
                 pass
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(self.root) from None
-            raise StoreError(f"cannot write {path}: {e.strerror}") from None
+            raise _store_error(path, self.root, e) from None
+
+    def put_stream(self, key: str) -> "_FileStream":
+        return _FileStream(self, key)
 
     def get(self, key: str) -> bytes:
         try:
@@ -135,4 +145,100 @@ class DirectoryBackend(Backend):
         try:
             os.unlink(self._path(key))
         except FileNotFoundError:
+            pass
+
+
+class _FileStream(PutStream):
+    """A put to a temporary file in the key's folder, written as the pieces come: whole
+    STREAM_CHUNK pieces with direct I/O from an aligned buffer (buffered where the file system
+    refuses it), the tail at `commit`, which then fsyncs, renames over the key and fsyncs the
+    folder, as `put` does. A stream aborted, or left by a crash, leaves at most the `.tmp-*`
+    file (removed on abort; gc removes what a crash left)."""
+
+    def __init__(self, backend: DirectoryBackend, key: str):
+        super().__init__(backend, key)
+        self.path = backend._path(key)
+        self.folder = os.path.dirname(self.path)
+        self.tmp = os.path.join(self.folder, f".tmp-{uuid.uuid4().hex}")
+        self.fd = self.dfd = None
+        self.buf = None
+        self.fill = self.at = 0
+
+    def _open(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.dfd = dio.open_direct(self.tmp, os.O_WRONLY)
+        if self.dfd is not None:
+            self.buf = dio.WRITE_BUFFERS.take(STREAM_CHUNK)
+
+    def _fail(self, e: OSError):
+        self.abort()
+        return _store_error(self.path, self.backend.root, e)
+
+    def write(self, parts) -> None:
+        try:
+            if self.fd is None:
+                self._open()
+            for p in parts:
+                v = memoryview(p).cast("B")
+                if self.buf is None:
+                    while v:
+                        v = v[os.write(self.fd, v):]
+                    continue
+                while v:
+                    n = min(len(v), STREAM_CHUNK - self.fill)
+                    self.buf[self.fill:self.fill + n] = np.frombuffer(v[:n], dtype=np.uint8)
+                    self.fill += n
+                    v = v[n:]
+                    if self.fill == STREAM_CHUNK:
+                        self._out(STREAM_CHUNK)
+        except OSError as e:
+            raise self._fail(e) from None
+
+    def _out(self, m: int) -> None:
+        """Write the buffer's first m bytes (a multiple of dio.ALIGN) at the file's end."""
+        done = dio.pwrite_all(self.dfd, self.buf[:m], self.at)
+        if done < m:  # the device refused an aligned write after all: the rest goes buffered
+            self._buffered_from(done, m)
+        self.at += m
+        self.fill = 0
+
+    def _buffered_from(self, done: int, m: int) -> None:
+        view = memoryview(self.buf[done:m]).cast("B")
+        off = self.at + done
+        while view:
+            w = os.pwrite(self.fd, view, off)
+            view, off = view[w:], off + w
+
+    def commit(self) -> None:
+        try:
+            if self.fd is None:
+                self._open()
+            if self.buf is not None and self.fill:
+                n = self.fill
+                m = dio.round_up(n)
+                self.buf[n:m] = 0
+                self._out(m)
+                os.ftruncate(self.fd, self.at - m + n)
+            os.fsync(self.fd)
+            self._close()
+            os.rename(self.tmp, self.path)
+            _fsync_dir(self.folder)
+        except OSError as e:
+            raise self._fail(e) from None
+
+    def _close(self) -> None:
+        for fd in (self.dfd, self.fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dfd = None
+        if self.buf is not None:
+            dio.WRITE_BUFFERS.give(self.buf)
+            self.buf = None
+
+    def abort(self) -> None:
+        self._close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
             pass

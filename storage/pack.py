@@ -51,6 +51,8 @@ class PackBuilder:
         self.parts: list[bytes] = [MAGIC]
         self.size = len(MAGIC)
         self.entries: list[tuple] = []
+        self.taken = 0  # pieces already handed over by take_parts
+        self.stream = None  # the Backend.put_stream writing it, for whoever streams it
 
     def add(self, h: bytes, stored: bytes) -> tuple[int, int]:
         return self.add_parts(h, (stored,))
@@ -76,9 +78,22 @@ class PackBuilder:
 
     def finish_parts(self) -> list:
         """The pack's bytes as a list of pieces, in order (Backend.put_parts writes them)."""
+        assert not self.taken, "part of this pack was taken to be written already: use take_parts"
+        return self.parts + self.tail_parts()
+
+    def take_parts(self) -> list:
+        """The pieces added since the last take (the first ones start with the magic), handed
+        over to be written as they come (Backend.put_stream); the pack then ends with its
+        tail_parts."""
+        out, self.parts = self.parts, []
+        self.taken += len(out)
+        return out
+
+    def tail_parts(self) -> list:
+        """The footer and the trailer, the pieces after the last block."""
         footer = np.array(self.entries, dtype=FOOTER_DTYPE).tobytes()
         trailer = TRAILER.pack(len(footer), footer_crc(self.pack_id, footer), TRAILER_MAGIC)
-        return self.parts + [footer, trailer]
+        return [footer, trailer]
 
 
 def footer_crc(pack_id: str, footer: bytes) -> int:

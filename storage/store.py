@@ -229,6 +229,11 @@ class Store:
         self.backend.put_parts(pack_key(builder.pack_id), builder.finish_parts())
         return builder.pack_id
 
+    def pack_stream(self, builder: PackBuilder):
+        """A Backend.put_stream of the pack being built: write its take_parts as they come,
+        then its tail_parts, then commit (the pack is then as durable as put_pack's)."""
+        return self.backend.put_stream(pack_key(builder.pack_id))
+
     def read_stored(self, pack_id: str, offset: int, length: int) -> bytes:
         return self.backend.get_range(pack_key(pack_id), int(offset), int(length))
 
