@@ -44,7 +44,7 @@ class DamagedData(StoreError):
 
 
 class StoreFull(StoreError):
-    """No space left on {detail}: free space or use another store. Nothing partial was committed."""
+    """No space left on {detail}: free space (`alike gc --grace 0` removes what failed backups wrote) or use another store. Nothing partial was committed."""
 
     exit_code = 4
 

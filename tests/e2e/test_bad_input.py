@@ -93,7 +93,15 @@ def test_store_disk_full_during_backup(alike, corpus, small_fs, tmp_path):
     assert p.returncode == 4, p.stderr
     assert "No space left" in p.stderr and "Traceback" not in p.stderr
     assert alike.json("versions", "--store", store)["versions"] == []
-    # the store still works once space is freed (another, smaller VM fits)
+    # the read tasks still going when one hit the full disk ended before the backup did, each
+    # removing the pack it was streaming: no temporary file holds the space (killed mid-write,
+    # they would leave theirs, and the next backup would find the disk still full)
+    assert [f for _, _, fs in os.walk(store) for f in fs if f.startswith(".tmp-")] == []
+    # the packs the failed backup wrote before the disk filled belong to no version: gc frees
+    # them (the error says so), and the store still works (another, smaller VM fits)
+    assert "alike gc --grace 0" in p.stderr
+    alike.json("gc", "--store", store, "--grace", "0")
+    assert [f for _, _, fs in os.walk(store / "packs") for f in fs] == []
     small = tmp_path / "small.raw"
     with open(small, "wb") as f:
         f.write(os.urandom(1024 * 1024))
