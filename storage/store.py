@@ -24,6 +24,7 @@ from .pack import TARGET_PACK, PackBuilder, pack_key
 # 2: every object carries a check of its own bytes (storage/objects.py). Format 1 still reads.
 FORMAT = 2
 READS = (1, 2)
+SEGMENT_WRITERS = 8  # segments a backup writes at once (write_segments)
 VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -242,18 +243,30 @@ class Store:
 
     # -- index segments ---------------------------------------------------------------------
     def write_segments(self, hashes: np.ndarray, packs: list[str], offsets, lengths) -> list[str]:
-        """Write one immutable segment per shard touched. Call only once the packs are durable."""
-        keys = []
+        """Write one immutable segment per shard touched (up to 16), all at once, and return once
+        every one is durable (else raise the first error). Call only once the packs are durable.
+        Why at once: one after another, the 16 puts of a backup (each a write, an fsync, a rename
+        and the folder's fsync; on S3 a PUT's round trip) were 17-22 ms of a 1.4 s day-later
+        backup on a directory store, and ~16 round trips on S3."""
         if not len(hashes):
-            return keys
+            return []
+        from concurrent.futures import ThreadPoolExecutor
+
         shards = _index.shard_of(hashes)
         packs = np.array(packs, dtype=object)
         offsets = np.asarray(offsets)
         lengths = np.asarray(lengths)
-        for s in np.unique(shards):
+
+        def put(s: int) -> str:
             m = shards == s
-            keys.append(self.put_segment(int(s), _index.segment_bytes(hashes[m], list(packs[m]), offsets[m], lengths[m])))
-        return keys
+            return self.put_segment(s, _index.segment_bytes(hashes[m], list(packs[m]), offsets[m], lengths[m]))
+
+        todo = [int(s) for s in np.unique(shards)]
+        if len(todo) == 1:
+            return [put(todo[0])]
+        with ThreadPoolExecutor(min(len(todo), SEGMENT_WRITERS), thread_name_prefix="alike-segment") as pool:
+            futures = [pool.submit(put, s) for s in todo]
+            return [f.result() for f in futures]  # the pool's exit waits for every put, failed or not
 
     def segment_keys(self, shard: int | None = None) -> list[str]:
         prefix = "index/" if shard is None else f"index/{shard:x}/"

@@ -211,6 +211,44 @@ class TestS3Backend(BackendContract):
         assert backend.get_range("big", 9 * 1024 * 1024, 10) == data[9 * 1024 * 1024:9 * 1024 * 1024 + 10]
 
 
+def test_segments_are_written_at_once_and_all_durable_before_the_return(tmp_path, monkeypatch):
+    """write_segments puts its shards' segments concurrently (they are independent files), returns
+    only once every one is stored, and raises the error of a put that failed."""
+    import threading
+    import time
+
+    st = Store.init(str(tmp_path / "s"))
+    lock, now, most, calls = threading.Lock(), [0], [0], []
+    real = st.backend.put
+
+    def slow_put(key, data):
+        if key.startswith("index/"):
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            time.sleep(0.02)
+            with lock:
+                now[0] -= 1
+                calls.append(key)
+            if "fail" in os.environ.get("_SEG_TEST", "") and key.startswith("index/7/"):
+                raise StoreFull("a test store")
+        return real(key, data)
+
+    monkeypatch.setattr(st.backend, "put", slow_put)
+    rng = np.random.default_rng(3)
+    h = np.array([rng.bytes(32) for _ in range(400)], dtype="S32")
+    keys = st.write_segments(h, ["e" * 32] * 400, np.arange(400) * 10, [10] * 400)
+    assert len(keys) == len(set(shard_of(h).tolist())) == 16 == len(calls)
+    assert most[0] > 1  # concurrently
+    _, h2, p2, _, _ = st.read_index()
+    assert sorted(h2.tolist()) == sorted(h.tolist())  # every entry durable once it returned
+    monkeypatch.setenv("_SEG_TEST", "fail")
+    calls.clear()
+    with pytest.raises(StoreFull):
+        st.write_segments(h, ["f" * 32] * 400, np.arange(400) * 10, [10] * 400)
+    assert len(calls) == 16  # the other puts ended before the error was raised
+
+
 def test_rewrite_index_drops_adds_and_compacts(tmp_path):
     """The index rewrite that gc and repair use: dropped packs and entries go, added entries
     come, each shard touched ends as one segment, and segments nobody asked about stay."""

@@ -25,8 +25,12 @@ from typing import Callable
 FIRST = ("init", "backup", "vault", "versions", "restore", "verify", "stats", "mount", "instant", "inventory", "job")
 
 
-def register_all(add, sub) -> None:
-    for name in sorted(_modules(), key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
+def register_all(add, sub, only: str | None = None) -> None:
+    """Every command module's commands; with `only`, the name of a module, that module's alone."""
+    names = _modules()
+    if only in names:
+        names = [only]
+    for name in sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
         importlib.import_module(f"{__name__}.{name}").register(add, sub)
 
 

@@ -53,6 +53,41 @@ def _commands(parser, path=()):
                 yield from _commands(sub, path + (name,))
 
 
+def test_a_command_line_gets_the_parser_of_its_command_only(capsys):
+    """build_parser(argv) registers only the module of argv's command when it has one of its own:
+    the same help and the same parsed arguments as the whole parser, without the other modules'
+    parsers; `alike`, a misspelt command and pin (a command of prune.py) get every command."""
+    import argparse
+
+    from alike_ray.cli import build_parser
+    from alike_ray.commands import _modules
+
+    def tops(parser):
+        return {n for a in parser._actions if isinstance(a, argparse._SubParsersAction) for n in a.choices}
+
+    everything = tops(build_parser())
+    assert len(everything) > 15
+    for name in _modules():
+        lazy = build_parser([name])
+        assert name in tops(lazy) and len(tops(lazy)) < len(everything) - 10, name
+        for path in _commands(lazy):
+            if not path:
+                continue
+            texts = []
+            for parser in (lazy, build_parser()):
+                with pytest.raises(SystemExit):
+                    parser.parse_args([*path, "--help"])
+                texts.append(capsys.readouterr().out)
+            assert texts[0] == texts[1], path
+    line = ["backup", "--store", "ads", "image:a.raw", "--name", "web", "--json", "--parallel", "2"]
+    assert vars(build_parser(line).parse_args(line)) == vars(build_parser().parse_args(line))
+    for argv in ([], ["--help"], ["bakup"], ["pin"], ["-h", "backup"]):
+        assert tops(build_parser(argv)) == everything, argv
+    with pytest.raises(SystemExit):
+        build_parser(["bakup"]).parse_args(["bakup"])
+    assert "invalid choice: 'bakup'" in capsys.readouterr().err
+
+
 def test_every_command_has_help(capsys):
     """--help of each command (options parsed intermixed: a metavar such as P% must survive)."""
     from alike_ray.cli import build_parser
