@@ -78,8 +78,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     own in alike_ray/commands/ (`alike backup ...`) gets a parser with only that command's module
     registered: parsing is the same (a sub-command parser never looks at the others), and the
     other commands' parsers (26 ms on this machine, more than a served command's own work before
-    its first read) are not made. `alike`, `alike --help`, a misspelt command and the commands of a module with
-    another name (pin, pins, unpin) get them all."""
+    its first read) are not made. `alike`, `alike --help`, a misspelt command and the commands of
+    a module with another name (pin, pins, unpin) get them all."""
     p = Parser(prog="alike", description="Deduplicating VM backup on Ray.", epilog=EPILOG)
     p.add_argument("--version", action=_Version, help="print alike's version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
