@@ -245,9 +245,9 @@ class Store:
     def write_segments(self, hashes: np.ndarray, packs: list[str], offsets, lengths) -> list[str]:
         """Write one immutable segment per shard touched (up to 16), all at once, and return once
         every one is durable (else raise the first error). Call only once the packs are durable.
-        Why at once: one after another, the 16 puts of a backup (each a write, an fsync, a rename
-        and the folder's fsync; on S3 a PUT's round trip) were 17-22 ms of a 1.4 s day-later
-        backup on a directory store, and ~16 round trips on S3."""
+        Why at once: on S3 each put is a PUT's round trip, and 16 one after another were 16 round
+        trips (116 -> 61 ms on a local S3 server). A directory store gains nothing (~23 ms for 16
+        either way: the fsyncs serialize in the file system's journal)."""
         if not len(hashes):
             return []
         from concurrent.futures import ThreadPoolExecutor
