@@ -63,7 +63,7 @@ def test_a_task_waiting_for_an_actor_gives_its_cpu_back_only_from_its_main_threa
     before, most = _cpus_free_while_held(off_main)
     assert before >= 1
     if off_main:
-        assert most == before - 1, f"the waiting task gave its CPU back: {most} of {before} CPUs free"
+        assert most <= before - 1, f"the waiting task gave its CPU back: {most} of {before} CPUs free"
     else:
-        assert most == before, f"Ray no longer hands a blocked task's CPU back ({most} of {before} free): " \
+        assert most >= before, f"Ray no longer hands a blocked task's CPU back ({most} of {before} free): " \
                                "_off_main's reason is gone"
