@@ -428,3 +428,27 @@ def test_is_zero_looks_past_the_first_bytes():
         y[at] = 1
         assert not is_zero(y), at
     assert is_zero(b"") and is_zero(bytes(70)) and not is_zero(bytes(70) + b"x")
+
+
+def test_s3_sessions_share_one_loader_and_resolve_credentials_afresh(monkeypatch):
+    """storage/s3.py `_new_session`: every S3 store opened in a process (a long-running `alike
+    server` opens two per served command) parses botocore's models once, through one shared data
+    loader, while each session still reads the credentials as they are now (keys rotated under a
+    running server are used by its next command), and an unknown profile is still refused."""
+    from storage.s3 import S3Backend, S3Error, _new_session
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
+    a = _new_session(None)
+    assert a.get_credentials().access_key == "first-key"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated-key")
+    sessions = [_new_session(None) for _ in range(5)]
+    loader = a._session.get_component("data_loader")
+    assert all(s._session.get_component("data_loader") is loader for s in sessions)
+    assert len(loader.search_paths) == len(set(loader.search_paths)), loader.search_paths  # boto3 adds its own each time
+    assert sessions[-1].get_credentials().access_key == "rotated-key"
+    c = sessions[-1].client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1")
+    assert c.meta.service_model.service_name == "s3"
+    b = S3Backend("s3://bucket/p", endpoint="http://127.0.0.1:9", profile="no-such-profile-here")
+    with pytest.raises(S3Error, match="cannot use AWS profile 'no-such-profile-here'"):
+        b.client
