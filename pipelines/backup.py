@@ -61,6 +61,10 @@ class BackupError(Exception):
     """A VM's backup failed; the message says why. Nothing partial was committed."""
 
 
+# This worker's caches (here, _PACKERS, _WAITER; restore.py's _WBUF) are reached only through the
+# module's functions and classes: a @ray.remote function is pickled by value (its module
+# attribute is Ray's wrapper, not the function), so a list its body names directly would be a
+# copy of its own, while the functions and classes it calls are the worker's imported ones.
 _BUF = [np.zeros(0, np.uint8)]
 _READERS: list = [None, 0]  # this worker's reader threads, and how many
 
