@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from typing import Iterator
 
 from .backend import Backend
@@ -28,6 +29,7 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 RETRIES = 5  # botocore's retries of a request after its first try (standard mode, backoff up to 20 s)
 BODY_ATTEMPTS = 5  # botocore retries a request, not the reading of its streamed body: we do
 _LOADER: list = [None]  # this process's botocore data loader, shared by its sessions (_new_session)
+_LOADER_LOCK = threading.Lock()  # one session at a time is made over it (and changes its search paths)
 
 
 def _new_session(profile: str | None):
@@ -36,17 +38,15 @@ def _new_session(profile: str | None):
     loader. Why: each new session's loader parses the S3 service model and endpoint rules again,
     65-190 ms per store opened here, and a served restore from S3 opens two (0.55 s of its
     1.8 s plan in py-spy); a client of a session over a loaded loader takes ~12 ms."""
-    import threading
-
     import boto3
     import botocore.exceptions
     import botocore.loaders
     import botocore.session
 
-    if _LOADER[0] is None:
-        _LOADER[0] = (botocore.loaders.create_loader(), threading.Lock())
-    loader, lock = _LOADER[0]
-    with lock:  # one session at a time changes the loader's search paths
+    with _LOADER_LOCK:
+        if _LOADER[0] is None:
+            _LOADER[0] = botocore.loaders.create_loader()
+        loader = _LOADER[0]
         bc = botocore.session.Session()
         if profile is not None and profile not in bc.available_profiles:
             raise botocore.exceptions.ProfileNotFound(profile=profile)  # as boto3's own Session raises it
@@ -109,7 +109,7 @@ class S3Backend(Backend):
         """Two tries, the second within a second, and short timeouts (see Backend.hasty)."""
         if self._hasty is None:
             h = S3Backend(self.url, self.endpoint, self.profile, max_connections=2, attempts=2)
-            h._session = self._get_session()  # a second client of one session costs ~20 ms, of a new one ~200
+            h._session = self._get_session()  # one session for both clients (its credentials resolved once)
             self._hasty = h
         return self._hasty
 
